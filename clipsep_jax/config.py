@@ -1,0 +1,111 @@
+"""The one configuration schema of clipsep-jax.
+
+Every hyperparameter of the reference implementation (sony/CLIPSep) has a name here; the files in
+``configs/`` start from :func:`default_config` and override what their experiment changes. Command
+lines override single fields (``--config.model.num_mask_channels=16``); ml_collections refuses keys
+that are not in this schema.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODEL_KINDS = ("clipsep", "clipsep_nit", "pit", "labelsep")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Returns the reference's CLIPSep configuration (MUSIC, image queries, N = 2)."""
+    config = ml_collections.ConfigDict()
+
+    # Number of sources mixed per training example (the reference's n_mix).
+    config.num_sources = 2
+
+    config.audio = ml_collections.ConfigDict()
+    config.audio.sample_rate = 16000  # Hz
+    config.audio.crop_samples = 65535  # training crop, about 4.1 s
+    config.audio.n_fft = 1024
+    config.audio.hop_length = 256
+    config.audio.win_length = 1024
+    config.audio.log_freq = True  # warp 513 linear bins to a log-frequency axis
+    config.audio.num_log_freq_bins = 256
+    config.audio.mixture_epsilon = 1e-10  # added to the mixture magnitude before the log
+    # Training gain: each source is scaled by U(min, max), clipped to [-1, 1], divided by N.
+    config.audio.gain_min = 0.5
+    config.audio.gain_max = 1.5
+
+    config.model = ml_collections.ConfigDict()
+    config.model.kind = "clipsep"  # one of MODEL_KINDS
+    config.model.num_downs = 7  # U-Net levels (the reference's `layers`; at least 5)
+    config.model.base_width = 64  # channels of the outermost level (the reference's ngf)
+    config.model.num_mask_channels = 32  # k: intermediate masks (the reference's `channels`)
+    config.model.query_dim = 512  # CLIP embedding size
+    config.model.num_labels = 11  # LabelSep: rows of the label-embedding table
+    config.model.num_noise_heads = 2  # CLIPSep-NIT
+    # Computation dtype of convolutions and matmuls; parameters and BatchNorm stay float32.
+    config.model.compute_dtype = "float32"
+    config.model.batch_norm_momentum = 0.1  # PyTorch convention: weight of the new batch
+    config.model.batch_norm_epsilon = 1e-5
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.binary_mask = True  # False: ratio masks |S_n| / sum_m |S_m| as soft targets
+    config.loss.binary_mask_threshold = 0.5  # target = |S_n| > threshold * |mixture|
+    config.loss.weighted = True  # weight = clip(log1p(|mixture|), weight_min, weight_max)
+    config.loss.weight_min = 1e-3
+    config.loss.weight_max = 10.0
+
+    # Noise invariant training (CLIPSep-NIT). Names follow the reference's flags.
+    config.nit = ml_collections.ConfigDict()
+    config.nit.warmup_steps = 0  # steps trained on query masks alone (pit_warmup_steps)
+    config.nit.reg_coef = 0.0  # noise-head-must-help regulariser (off in the reference)
+    config.nit.reg_epsilon = 0.1
+    config.nit.activation_reg_coef = 0.1  # reg2_coef: penalises busy noise heads
+    config.nit.activation_reg_epsilon = 0.25  # reg2_epsilon
+
+    config.query = ml_collections.ConfigDict()
+    config.query.mode = "image"  # image | text | hybrid (hybrid: image on even steps)
+    config.query.num_frames = 3  # frames averaged into an image query
+    config.query.frame_stride = 1
+    config.query.fps = 1.0
+    config.query.frame_margin_seconds = 3.0  # training centre frame avoids the clip's ends
+    config.query.text_template = "a photo of {}"
+    config.query.prompt_ensemble = False  # evaluation: average the reference's five prompts
+    config.query.clip_model = "openai/clip-vit-base-patch32"
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 32  # global batch over all hosts
+    config.train.num_steps = 200_000
+    config.train.learning_rate = 1e-3
+    config.train.lr_warmup_steps = 5_000
+    config.train.lr_decay_end_step = 100_000
+    config.train.lr_decay_end_multiplier = 0.1
+    config.train.grad_norm_clip = 1.0
+    config.train.adam_b1 = 0.9
+    config.train.adam_b2 = 0.999
+    config.train.adam_eps = 1e-8
+    config.train.validation_every_steps = 10_000
+    config.train.seed = 1234
+
+    return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field when a configuration cannot describe a model."""
+    kind = config.model.kind
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind={kind!r}: expected one of {', '.join(MODEL_KINDS)}")
+    if config.model.num_downs < 5:
+        raise ValueError(f"config.model.num_downs={config.model.num_downs}: the U-Net needs >= 5")
+    if config.num_sources < 1:
+        raise ValueError(f"config.num_sources={config.num_sources}: must be >= 1")
+    if kind == "clipsep_nit" and config.model.num_noise_heads < config.num_sources:
+        raise ValueError(
+            f"config.model.num_noise_heads={config.model.num_noise_heads} is smaller than "
+            f"config.num_sources={config.num_sources}: every query needs its own noise head"
+        )
+    if config.model.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(
+            f"config.model.compute_dtype={config.model.compute_dtype!r}: "
+            "expected float32 or bfloat16"
+        )
+    if config.audio.n_fft // 2 + 1 < 2 or config.audio.hop_length < 1:
+        raise ValueError("config.audio: n_fft must be >= 2 and hop_length >= 1")
