@@ -119,3 +119,19 @@ def test_config_validation_names_the_field():
         config_lib.validate(config)
     with pytest.raises(AttributeError):
         config_lib.default_config().model.no_such_field  # noqa: B018
+
+
+@pytest.mark.parametrize("height,width", [(1, 3), (2, 2), (4, 8), (64, 32)])
+def test_upsampling_matches_torch_align_corners(height, width):
+    import torch
+
+    from clipsep_jax.models.layers import upsample_bilinear_2x
+
+    x = np.random.default_rng(height).normal(size=(2, height, width, 3)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear",
+        align_corners=True,
+    ).permute(0, 2, 3, 1).numpy()
+    got = jax.jit(upsample_bilinear_2x)(x)
+    assert got.shape == (2, 2 * height, 2 * width, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-6)

@@ -94,15 +94,50 @@ def _align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.nda
     return lower, upper, weight
 
 
-def _upsample_axis(x: jax.Array, axis: int, factor: int) -> jax.Array:
+@functools.lru_cache(maxsize=32)
+def _parity_tap_weights(in_size: int) -> np.ndarray:
+    """Weights [2 (output parity), 2 (tap), in_size] of x2 align-corners upsampling.
+
+    With src = o * (n - 1) / (2n - 1), output 2k interpolates source rows k - 1 and k, and output
+    2k + 1 rows k and k + 1; PyTorch's float32 taps are placed into those two slots.
+    """
+    lower, upper, weight = _align_corners_taps(in_size, 2 * in_size)
+    taps = np.zeros((2, 2, in_size), np.float32)
+    for out in range(2 * in_size):
+        k, parity = divmod(out, 2)
+        first_row = k - 1 + parity  # even: k - 1, k; odd: k, k + 1
+        for row, tap_weight in ((lower[out], np.float32(1.0) - weight[out]),
+                                (upper[out], weight[out])):
+            if tap_weight == 0:
+                continue
+            slot = row - first_row
+            if slot not in (0, 1):
+                raise AssertionError(f"unexpected upsampling tap {row} for output {out}")
+            taps[parity, slot, k] += tap_weight
+    return taps
+
+
+def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
+    """x2 align-corners linear upsampling along ``axis`` with shifted slices, no gathers.
+
+    Gathers would be scatter-adds in the backward pass, which XLA:CPU runs slowly.
+    """
     size = x.shape[axis]
-    lower, upper, weight = _align_corners_taps(size, size * factor)
     shape = [1] * x.ndim
-    shape[axis] = -1
-    weight = jnp.asarray(weight.reshape(shape), x.dtype)
-    return jnp.take(x, lower, axis=axis) * (1 - weight) + jnp.take(x, upper, axis=axis) * weight
+    shape[axis] = size
+    taps = jnp.asarray(_parity_tap_weights(size), x.dtype).reshape(2, 2, *shape)
+    padding = [(0, 0)] * x.ndim
+    padding[axis] = (1, 1)
+    padded = jnp.pad(x, padding)
+    previous = jax.lax.slice_in_dim(padded, 0, size, axis=axis)
+    following = jax.lax.slice_in_dim(padded, 2, size + 2, axis=axis)
+    even = previous * taps[0, 0] + x * taps[0, 1]
+    odd = x * taps[1, 0] + following * taps[1, 1]
+    out_shape = list(x.shape)
+    out_shape[axis] = 2 * size
+    return jnp.stack([even, odd], axis=axis + 1).reshape(out_shape)
 
 
 def upsample_bilinear_2x(x: jax.Array) -> jax.Array:
     """Bilinear x2 upsampling of NHWC ``x`` with align_corners=True -> [B, 2H, 2W, C]."""
-    return _upsample_axis(_upsample_axis(x, 1, 2), 2, 2)
+    return _upsample_axis(_upsample_axis(x, 1), 2)
