@@ -174,9 +174,8 @@ def nit_loss(
       targets: [B, N, F, T]; weight: [B, F, T].
     """
     query_prob = jax.nn.sigmoid(query_logits.astype(jnp.float32))  # [B, N, F, T]
-    plain = jnp.mean(per_example_bce(query_prob, targets, weight[:, None]))
     if use_noise_heads is False:
-        return plain
+        return separation_loss(query_logits, targets, weight)
     noise_prob = jax.nn.sigmoid(noise_logits.astype(jnp.float32))  # [B, H, F, T]
     combined = combine_with_noise(query_prob[:, :, None], noise_prob[:, None])  # [B, N, H, F, T]
     pairwise = per_example_bce(combined, targets[:, :, None], weight[:, None, None])  # [B, N, H]
@@ -193,7 +192,7 @@ def nit_loss(
     loss = loss + activation_reg_coef * jax.nn.relu(mean_noise_activation - activation_reg_epsilon)
     if use_noise_heads is True:
         return loss
-    return jnp.where(use_noise_heads, loss, plain)
+    return jnp.where(use_noise_heads, loss, separation_loss(query_logits, targets, weight))
 
 
 def pit_loss(logits: jax.Array, targets: jax.Array, weight: jax.Array) -> jax.Array:
