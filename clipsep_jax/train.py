@@ -23,8 +23,7 @@ def learning_rate_multiplier(config: ml_collections.ConfigDict, step: jax.Array)
     """The reference's multiplier at optimizer step ``step`` (0 for the first update)."""
     t = config.train
     step = jnp.asarray(step, jnp.float32)
-    warmup = jnp.maximum(t.lr_warmup_steps, 1)
-    rising = (step + 1.0) / warmup
+    rising = (step + 1.0) / max(t.lr_warmup_steps, 1)
     position = (step - t.lr_warmup_steps) / max(t.lr_decay_end_step - t.lr_warmup_steps, 1)
     falling = 1.0 - (1.0 - t.lr_decay_end_multiplier) * position
     return jnp.where(
@@ -34,13 +33,18 @@ def learning_rate_multiplier(config: ml_collections.ConfigDict, step: jax.Array)
     )
 
 
+def learning_rate(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    """Learning rate of optimizer step ``step``: peak times the reference's multiplier."""
+    return config.train.learning_rate * learning_rate_multiplier(config, step)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Global-norm clipping, then Adam with the reference's learning-rate schedule."""
     t = config.train
     return optax.chain(
         optax.clip_by_global_norm(t.grad_norm_clip),
         optax.adam(
-            lambda count: t.learning_rate * learning_rate_multiplier(config, count),
+            lambda count: learning_rate(config, count),
             b1=t.adam_b1,
             b2=t.adam_b2,
             eps=t.adam_eps,
@@ -100,6 +104,6 @@ def train_step(
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
-        "learning_rate": config.train.learning_rate * learning_rate_multiplier(config, state.step),
+        "learning_rate": learning_rate(config, state.step),
     }
     return new_state, metrics
