@@ -1,9 +1,14 @@
 """Shared test helpers."""
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+# Eight emulated CPU devices, so that mesh and sharding tests run on this machine; set before
+# any test module imports jax.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 # The PyTorch rendition of the reference lives beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))
