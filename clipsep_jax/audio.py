@@ -38,25 +38,40 @@ def num_frames(num_samples: int, hop_length: int) -> int:
 
 
 def stft(
-    waveform: jax.Array, *, n_fft: int = 1024, hop_length: int = 256, win_length: int = 1024
+    waveform: jax.Array,
+    *,
+    n_fft: int = 1024,
+    hop_length: int = 256,
+    win_length: int = 1024,
+    center: bool = True,
 ) -> jax.Array:
     """Short-time Fourier transform, as ``librosa.stft(..., center=True, pad_mode="reflect")``.
 
     Args:
       waveform: real signal, shape ``[..., num_samples]``; needs ``num_samples > n_fft // 2``.
+      center: reflect-pad ``n_fft // 2`` samples at both ends, so that frame ``t`` is centred on
+        sample ``t * hop_length``. Without it the signal is framed as given (``num_samples >=
+        n_fft``), which lets a caller pad on the host and bucket lengths for one compilation.
     Returns:
-      complex64 spectrum, shape ``[..., n_fft // 2 + 1, 1 + num_samples // hop_length]``.
+      complex64 spectrum, shape ``[..., n_fft // 2 + 1, frames]`` with ``1 + num_samples //
+      hop_length`` frames when centred, ``1 + (num_samples - n_fft) // hop_length`` otherwise.
     """
     waveform = jnp.asarray(waveform, jnp.float32)
     num_samples = waveform.shape[-1]
-    pad = n_fft // 2
-    if num_samples <= pad:
-        raise ValueError(
-            f"stft: {num_samples} samples is too short for reflect padding of {pad} samples"
-        )
-    padding = [(0, 0)] * (waveform.ndim - 1) + [(pad, pad)]
-    padded = jnp.pad(waveform, padding, mode="reflect")
-    frame_count = num_frames(num_samples, hop_length)
+    if center:
+        pad = n_fft // 2
+        if num_samples <= pad:
+            raise ValueError(
+                f"stft: {num_samples} samples is too short for reflect padding of {pad} samples"
+            )
+        padding = [(0, 0)] * (waveform.ndim - 1) + [(pad, pad)]
+        padded = jnp.pad(waveform, padding, mode="reflect")
+        frame_count = num_frames(num_samples, hop_length)
+    else:
+        if num_samples < n_fft:
+            raise ValueError(f"stft: {num_samples} samples is shorter than n_fft = {n_fft}")
+        padded = waveform
+        frame_count = 1 + (num_samples - n_fft) // hop_length
     # [frames, n_fft] sample indices; a gather keeps this one vectorised op for any hop.
     index = np.arange(frame_count)[:, None] * hop_length + np.arange(n_fft)[None, :]
     frames = padded[..., index] * jnp.asarray(hann_window(win_length, n_fft), jnp.float32)

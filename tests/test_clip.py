@@ -16,14 +16,27 @@ from clipsep_jax.clip import CLIP, byte_level_tokenizer
 
 
 def tiny_hf_config(**overrides) -> transformers.CLIPConfig:
-    text = dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=64)
-    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, image_size=64, patch_size=16)
+    text = dict(
+        vocab_size=600,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    vision = dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=16,
+    )
     text.update(overrides.pop("text", {}))
     vision.update(overrides.pop("vision", {}))
-    return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=40,
-                                   **overrides)
+    return transformers.CLIPConfig(
+        text_config=text, vision_config=vision, projection_dim=40, **overrides
+    )
 
 
 def save_tiny_torch_clip(folder, seed=0, safe_serialization=True, **overrides):
@@ -41,8 +54,9 @@ def save_tiny_torch_clip(folder, seed=0, safe_serialization=True, **overrides):
     model.save_pretrained(folder, safe_serialization=safe_serialization)
     tokenizer.save_pretrained(folder)
     size = model.config.vision_config.image_size
-    CLIPImageProcessorPil(size={"shortest_edge": size},
-                          crop_size={"height": size, "width": size}).save_pretrained(folder)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    ).save_pretrained(folder)
     return model, tokenizer
 
 
@@ -78,10 +92,16 @@ def test_embeddings_match_torch(tmp_path, safe_serialization):
 
     rng = np.random.default_rng(1)
     images = random_images(rng, [(80, 100)] * 3 + [(70, 64)] * 3)  # 6: two chunks of 4
-    pixels = torch.from_numpy(np.stack(
-        [processor(images=im, return_tensors="np")["pixel_values"][0] for im in images]))
-    texts = ["a photo of accordion", "a photo of the small tuba.", "xylophone", "hi",
-             "a low resolution photo of a acoustic guitar."]
+    pixels = torch.from_numpy(
+        np.stack([processor(images=im, return_tensors="np")["pixel_values"][0] for im in images])
+    )
+    texts = [
+        "a photo of accordion",
+        "a photo of the small tuba.",
+        "xylophone",
+        "hi",
+        "a low resolution photo of a acoustic guitar.",
+    ]
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         want_image = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
@@ -94,8 +114,9 @@ def test_embeddings_match_torch(tmp_path, safe_serialization):
     assert relative_error(got_image, want_image) <= 1e-4
     assert relative_error(got_text, want_text) <= 1e-4
     # Images of one size stacked in one array give the same result as a list.
-    np.testing.assert_allclose(ours.encode_image(np.stack(images[:3])), got_image[:3],
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        ours.encode_image(np.stack(images[:3])), got_image[:3], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_legacy_eos_id_pools_at_the_largest_token(tmp_path):
@@ -122,8 +143,9 @@ def test_sharded_over_eight_devices_matches_one(tiny_clip):
     eight = CLIP.from_pretrained(str(folder), batch_size=16)
     assert eight.mesh.devices.size == 8
     images = random_images(np.random.default_rng(3), [(64, 80)] * 11)
-    np.testing.assert_allclose(eight.encode_image(images), one.encode_image(images),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        eight.encode_image(images), one.encode_image(images), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_bfloat16_is_close_to_float32(tiny_clip):
@@ -141,17 +163,22 @@ def test_bfloat16_is_close_to_float32(tiny_clip):
 def test_prompts():
     assert clip_lib.text_prompt("acoustic_guitar") == "a photo of acoustic guitar"
     prompts = clip_lib.ensemble_prompts("tuba")
-    assert prompts == ["a photo of tuba.", "a photo of the small tuba.",
-                       "a photo of the small tuba.", "a low resolution photo of a tuba.",
-                       "a photo of many tuba."]
+    assert prompts == [
+        "a photo of tuba.",
+        "a photo of the small tuba.",
+        "a photo of the small tuba.",
+        "a low resolution photo of a tuba.",
+        "a photo of many tuba.",
+    ]
 
 
 def test_prompt_ensemble_is_the_mean(tiny_clip):
     folder, _, _ = tiny_clip
     ours = CLIP.from_pretrained(str(folder))
     got = ours.encode_prompt_ensemble(["tuba", "erhu"])
-    want = np.stack([ours.encode_text(clip_lib.ensemble_prompts(x)).mean(0)
-                     for x in ("tuba", "erhu")])
+    want = np.stack(
+        [ours.encode_text(clip_lib.ensemble_prompts(x)).mean(0) for x in ("tuba", "erhu")]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -164,8 +191,11 @@ def test_random_clip_exports_to_transformers(tmp_path):
     model = transformers.CLIPModel.from_pretrained(str(tmp_path / "exported")).eval()
     reloaded = CLIP.from_pretrained(str(tmp_path / "exported"))
     images = random_images(np.random.default_rng(5), [(64, 64)] * 2)
-    pixels = torch.from_numpy(np.asarray(ours.preprocessing.normalize(
-        jnp.asarray(ours.preprocess(images)))).transpose(0, 3, 1, 2).copy())
+    pixels = torch.from_numpy(
+        np.asarray(ours.preprocessing.normalize(jnp.asarray(ours.preprocess(images))))
+        .transpose(0, 3, 1, 2)
+        .copy()
+    )
     with torch.no_grad():
         want = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
     assert relative_error(ours.encode_image(images), want) <= 1e-4

@@ -1,0 +1,416 @@
+"""TFDS builders ``music`` and ``vggsound``: clips with waveform, STFT and CLIP embeddings.
+
+Each example is one clip (see :func:`features`). Both builders read either input layout of
+:mod:`data_prep.sources` from the manual folder and write ArrayRecord files, so that
+``tfds.data_source(name, data_dir=...)`` gives random access for grain.
+
+Two ways to run the same extraction:
+
+- in this process (default): clips are extracted in work shards of ``clips_per_shard`` clips
+  cached under ``work_dir``; a re-run reuses finished shards, so an interrupted job resumes.
+- through Apache Beam (``use_beam=True`` and a ``beam_runner`` in the download config): one
+  element per clip, batched for CLIP, on any Beam runner (DirectRunner, Dataflow, Spark, Flink).
+
+The skip report ``skipped.csv`` (split, source, reason) is written into the version folder.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+try:  # optional: only the Beam path needs it
+    import apache_beam as beam
+except ImportError:  # pragma: no cover
+    beam = None
+
+from clipsep_jax.clip import CLIP, DEFAULT_CLIP
+from data_prep.extract import ExtractedClip, ExtractOptions, Extractor, make_example
+from data_prep.sources import ClipSource, Skip, detect_layout, read_index, read_videos
+
+__all__ = ["Music", "Vggsound", "BUILDERS", "features", "skip_summary"]
+
+_STFT_LAYOUT = (
+    "stft[t, f] = (real, imag) of the centred STFT (Hann, reflect padding) of the whole "
+    "waveform; frame t is centred on sample t * hop_length"
+)
+
+
+def features(options: ExtractOptions) -> tfds.features.FeaturesDict:
+    """The features of one clip. Large arrays are stored as raw bytes (fast numpy decoding)."""
+    raw = tfds.features.Encoding.BYTES
+    return tfds.features.FeaturesDict(
+        {
+            "id": tfds.features.Text(doc="clip id, unique in the dataset"),
+            "label": tfds.features.Text(doc="class label as given (folder name or CSV label)"),
+            "split": tfds.features.Text(),
+            "source": tfds.features.Text(doc="the audio or video file the clip came from"),
+            "waveform": tfds.features.Tensor(
+                shape=(None,),
+                dtype=np.float32,
+                encoding=raw,
+                doc=f"mono waveform at {options.sample_rate} Hz",
+            ),
+            "stft": tfds.features.Tensor(
+                shape=(None, options.num_bins, 2), dtype=np.float32, encoding=raw, doc=_STFT_LAYOUT
+            ),
+            "frame_embeddings": tfds.features.Tensor(
+                shape=(None, None),
+                dtype=np.float16,
+                encoding=raw,
+                doc=f"unnormalised CLIP image embedding of every frame at {options.fps:g} fps",
+            ),
+            "text_embedding": tfds.features.Tensor(
+                shape=(None,),
+                dtype=np.float32,
+                encoding=raw,
+                doc="unnormalised CLIP text embedding of the label prompt",
+            ),
+            "text_embedding_ensemble": tfds.features.Tensor(
+                shape=(None,),
+                dtype=np.float32,
+                encoding=raw,
+                doc="mean of the unnormalised CLIP text embeddings of the prompt ensemble",
+            ),
+        }
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InputOptions:
+    """Where the clips come from (see :mod:`data_prep.sources`)."""
+
+    layout: str = "auto"  # auto | index | videos
+    root: str | None = None  # index layout: paths are relative to this (default: manual dir)
+    video_dir: str | None = None  # videos layout (default: manual_dir/video or manual_dir)
+    csv_name: str = "vggsound.csv"
+    val_fraction: float = 0.1
+    trim_videos: bool = False
+
+
+class _ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
+    """Shared by ``music`` and ``vggsound``; see the module docstring."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Waveform, whole-clip STFT, CLIP frame and label embeddings."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    The manual folder holds either the reference's index CSVs (train.csv, val.csv, test.csv:
+    audio path, frames folder, frame count[, label]) with the files they name, or
+    vggsound.csv (youtube_id, start_seconds, label, split) with the video files.
+    """
+
+    def __init__(
+        self,
+        *,
+        clip: str = DEFAULT_CLIP,
+        clip_dtype: str = "float32",
+        clip_batch_size: int = 64,
+        inputs: InputOptions | None = None,
+        options: ExtractOptions | None = None,
+        num_workers: int = 4,
+        clips_per_shard: int = 32,
+        work_dir: str | None = None,
+        use_beam: bool = False,
+        **kwargs,
+    ):
+        self.clip_name = clip
+        self.clip_dtype = clip_dtype
+        self.clip_batch_size = clip_batch_size
+        self.inputs = inputs or InputOptions()
+        self.options = options or ExtractOptions()
+        self.num_workers = num_workers
+        self.clips_per_shard = clips_per_shard
+        self.use_beam = use_beam
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+        self.work_dir = work_dir or os.path.join(
+            os.fspath(self._data_dir_root), "_work", self.name, str(self.version)
+        )
+        self._extractor: Extractor | None = None
+        self._skips: list[Skip] | None = None
+        self._notes: collections.Counter = collections.Counter()
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=features(self.options),
+            metadata=tfds.core.MetadataDict(),
+            homepage="https://sony.github.io/CLIPSep/",
+            disable_shuffling=False,
+        )
+
+    # -- reading the inputs --------------------------------------------------------------------
+
+    def _sources(self, manual_dir: str) -> tuple[list[ClipSource], list[Skip]]:
+        layout = self.inputs.layout
+        if layout == "auto":
+            layout = detect_layout(manual_dir)
+        if layout == "index":
+            return read_index(manual_dir, self.inputs.root)
+        if layout == "videos":
+            from data_prep.media import require_ffmpeg
+
+            require_ffmpeg()
+            return read_videos(
+                manual_dir,
+                self.inputs.video_dir,
+                self.inputs.csv_name,
+                self.inputs.val_fraction,
+                self.inputs.trim_videos,
+            )
+        raise ValueError(f"layout must be auto, index or videos, got {layout!r}")
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        manual_dir = os.fspath(dl_manager.manual_dir)
+        sources, skips = self._sources(manual_dir)
+        self._skips = list(skips)
+        labels = sorted({s.label for s in sources})
+        self.info.metadata.update(
+            {
+                "labels": labels,
+                "clip": self.clip_name,
+                "sample_rate": self.options.sample_rate,
+                "n_fft": self.options.n_fft,
+                "hop_length": self.options.hop_length,
+                "win_length": self.options.win_length,
+                "fps": self.options.fps,
+                "text_template": self.options.text_template,
+                "stft_layout": _STFT_LAYOUT,
+            }
+        )
+        if self.use_beam:
+            for stale in glob.glob(os.path.join(self.work_dir, "beam-skipped-*")):
+                os.remove(stale)
+        by_split = collections.defaultdict(list)
+        for source in sources:
+            by_split[source.split].append(source)
+        if not by_split:
+            raise ValueError(f"{manual_dir}: no usable clips listed ({len(skips)} skipped)")
+        return {split: self._generate_examples(split, items) for split, items in by_split.items()}
+
+    def _generate_examples(self, split: str, sources: Sequence[ClipSource]):
+        if self.use_beam:
+            return _beam_transform(self, split, sources)
+        return self._generate_in_process(split, sources)
+
+    # -- in-process generation with resumable work shards --------------------------------------
+
+    def _extractor_instance(self) -> Extractor:
+        if self._extractor is None:
+            clip = CLIP.from_pretrained(
+                self.clip_name, dtype=self.clip_dtype, batch_size=self.clip_batch_size
+            )
+            self._extractor = Extractor(clip, self.options, self.num_workers)
+        return self._extractor
+
+    def _shard_path(self, split: str, index: int, shard: Sequence[ClipSource]) -> str:
+        fingerprint = hashlib.sha256(
+            json.dumps(
+                {
+                    "sources": [dataclasses.asdict(s) for s in shard],
+                    "clip": self.clip_name,
+                    "clip_dtype": self.clip_dtype,
+                    "options": dataclasses.asdict(self.options),
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:16]
+        return os.path.join(self.work_dir, f"{split}-{index:05d}-{fingerprint}.npz")
+
+    def _generate_in_process(self, split: str, sources: Sequence[ClipSource]) -> Iterator:
+        os.makedirs(self.work_dir, exist_ok=True)
+        shards = [
+            sources[i : i + self.clips_per_shard]
+            for i in range(0, len(sources), self.clips_per_shard)
+        ]
+        progress = tqdm(
+            total=len(sources),
+            desc=f"{self.name} {split}",
+            unit="clip",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        reused = 0
+        for index, shard in enumerate(shards):
+            path = self._shard_path(split, index, shard)
+            if os.path.exists(path):
+                clips, skips = _load_shard(path, shard)
+                reused += 1
+                progress.update(len(shard))
+            else:
+                clips, skips = [], []
+                for _, result in self._extractor_instance().run(shard):
+                    (skips if isinstance(result, Skip) else clips).append(result)
+                    progress.update(1)
+                _save_shard(path, clips, skips)
+            self._skips.extend(skips)
+            for clip in clips:
+                self._notes.update(clip.notes)
+                text = self._text_embeddings(clip.source.label)
+                yield clip.source.clip_id, make_example(clip, text, self.options)
+        progress.close()
+        if reused:
+            print(
+                f"{self.name} {split}: reused {reused} of {len(shards)} finished work shards",
+                file=sys.stderr,
+            )
+
+    def _text_embeddings(self, label: str):
+        return self._extractor_instance().text_embeddings(label)
+
+    # -- the skip report -----------------------------------------------------------------------
+
+    def download_and_prepare(self, *args, **kwargs):
+        super().download_and_prepare(*args, **kwargs)
+        if self._skips is None:  # already prepared: nothing was generated this time
+            return
+        skips = list(self._skips)
+        if self.use_beam:
+            for path in sorted(glob.glob(os.path.join(self.work_dir, "beam-skipped-*"))):
+                with open(path) as f:
+                    skips += [Skip(**json.loads(line)) for line in f if line.strip()]
+        write_skip_report(os.fspath(self.data_path), skips)
+        self.last_skips = skips
+        self.last_notes = dict(self._notes)
+
+
+def _save_shard(path: str, clips: list[ExtractedClip], skips: list[Skip]) -> None:
+    """One work shard, written to a temporary name and renamed."""
+    waveforms = [c.waveform for c in clips]
+    embeddings = [c.frame_embeddings for c in clips]
+    meta = {
+        "clips": [{"clip_id": c.source.clip_id, "notes": c.notes} for c in clips],
+        "skips": [dataclasses.asdict(s) for s in skips],
+    }
+    dim = embeddings[0].shape[1] if embeddings else 0
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            waveforms=np.concatenate(waveforms) if waveforms else np.zeros(0, np.float32),
+            waveform_lengths=np.array([len(w) for w in waveforms], np.int64),
+            embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float16),
+            embedding_counts=np.array([len(e) for e in embeddings], np.int64),
+            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        )
+    os.replace(tmp, path)
+
+
+def _load_shard(path: str, shard: Sequence[ClipSource]) -> tuple[list[ExtractedClip], list[Skip]]:
+    by_id = {s.clip_id: s for s in shard}
+    with np.load(path) as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        lengths, counts = data["waveform_lengths"], data["embedding_counts"]
+        waveforms = np.split(data["waveforms"], np.cumsum(lengths)[:-1]) if len(lengths) else []
+        embeddings = np.split(data["embeddings"], np.cumsum(counts)[:-1]) if len(counts) else []
+    clips = [
+        ExtractedClip(by_id[m["clip_id"]], w, e, m["notes"])
+        for m, w, e in zip(meta["clips"], waveforms, embeddings, strict=True)
+    ]
+    return clips, [Skip(**s) for s in meta["skips"]]
+
+
+def write_skip_report(version_dir: str, skips: Sequence[Skip]) -> str:
+    """``skipped.csv`` (split, source, reason) in ``version_dir``, via a temporary name."""
+    path = os.path.join(version_dir, "skipped.csv")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["split", "source", "reason"])
+    for s in sorted(skips, key=lambda s: (s.split, s.source)):
+        writer.writerow([s.split, s.source, s.reason])
+    with open(path + ".tmp", "w", newline="") as f:
+        f.write(buffer.getvalue())
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def skip_summary(skips: Sequence[Skip]) -> dict[str, int]:
+    """Skipped items per reason (the text before the reason's first colon)."""
+    return dict(collections.Counter(s.reason.split(":")[0] for s in skips).most_common())
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam
+
+
+def _beam_transform(builder: _ClipDatasetBuilder, split: str, sources: Sequence[ClipSource]):
+    if beam is None:
+        raise ImportError("building with Beam needs apache-beam: pip install 'clipsep-jax[beam]'")
+    settings = dict(
+        clip=builder.clip_name,
+        clip_dtype=builder.clip_dtype,
+        clip_batch_size=builder.clip_batch_size,
+        options=builder.options,
+        num_workers=builder.num_workers,
+    )
+    skipped_prefix = os.path.join(builder.work_dir, f"beam-skipped-{split}")
+    os.makedirs(builder.work_dir, exist_ok=True)
+
+    class ExtractClips(beam.PTransform):
+        def expand(self, pcoll):
+            results = (
+                pcoll
+                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=8)
+                | "Extract"
+                >> beam.ParDo(_ExtractDoFn(**settings)).with_outputs("skipped", main="examples")
+            )
+            _ = (
+                results.skipped
+                | "SkipJson" >> beam.Map(lambda s: json.dumps(dataclasses.asdict(s)))
+                | "WriteSkips" >> beam.io.WriteToText(skipped_prefix)
+            )
+            return results.examples
+
+    return f"Create {split}" >> beam.Create(list(sources)) | f"Extract {split}" >> ExtractClips()
+
+
+if beam is not None:
+
+    class _ExtractDoFn(beam.DoFn):
+        """Extraction in a Beam worker: CLIP is loaded once per worker in ``setup``."""
+
+        def __init__(self, clip, clip_dtype, clip_batch_size, options, num_workers):
+            self.settings = (clip, clip_dtype, clip_batch_size)
+            self.options = options
+            self.num_workers = num_workers
+            self.extractor = None
+
+        def setup(self):
+            clip, dtype, batch = self.settings
+            model = CLIP.from_pretrained(clip, dtype=dtype, batch_size=batch)
+            self.extractor = Extractor(model, self.options, self.num_workers)
+
+        def process(self, batch):
+            for source, result in self.extractor.run(batch):
+                if isinstance(result, Skip):
+                    yield beam.pvalue.TaggedOutput("skipped", result)
+                else:
+                    text = self.extractor.text_embeddings(source.label)
+                    yield source.clip_id, make_example(result, text, self.options)
+
+
+class Music(_ClipDatasetBuilder):
+    """MUSIC (solo): 11 instruments, 1-4 minute YouTube videos (Zhao et al., 2018)."""
+
+
+class Vggsound(_ClipDatasetBuilder):
+    """VGGSound: about 200k 10-second YouTube clips in 309 classes (Chen et al., 2020)."""
+
+
+BUILDERS = {"music": Music, "vggsound": Vggsound}
+
+
+def clear_work_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

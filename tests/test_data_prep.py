@@ -1,0 +1,313 @@
+"""data_prep: both input layouts, skip report, read-back values, resume, Beam DirectRunner."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+import tensorflow_datasets as tfds
+from media_trees import SR, index_tree, videos_tree
+
+from clipsep_jax import audio
+from clipsep_jax.clip import CLIP, text_prompt
+from clipsep_jax.models.clip import CLIPConfig, TowerConfig
+from data_prep import build, extract, media
+
+TINY = CLIPConfig(
+    vision=TowerConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=16,
+    ),
+    text=TowerConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=520,
+        max_position_embeddings=64,
+    ),
+    projection_dim=16,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    CLIP.random(TINY, seed=0).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def index_build(tmp_path_factory, tiny_clip_dir):
+    root = tmp_path_factory.mktemp("index_in")
+    expected = index_tree(root)
+    out = tmp_path_factory.mktemp("index_out")
+    builder = build.run(
+        [
+            "--dataset=music",
+            f"--manual_dir={root}",
+            f"--data_dir={out}",
+            f"--clip={tiny_clip_dir}",
+            "--clip_batch_size=8",
+            "--clips_per_shard=4",
+            "--min_samples=65535",
+        ]
+    )
+    return root, out, expected, builder
+
+
+def read_report(version_dir):
+    with open(os.path.join(version_dir, "skipped.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_all(data_dir, name):
+    sources = tfds.data_source(name, data_dir=str(data_dir))
+    return {
+        split: {ex["id"].decode(): ex for ex in (src[i] for i in range(len(src)))}
+        for split, src in sources.items()
+    }
+
+
+def test_index_layout_builds_and_reads_back(index_build, tiny_clip_dir):
+    root, out, expected, builder = index_build
+    examples = read_all(out, "music")
+    assert {k: sorted(v) for k, v in examples.items()} == {
+        "train": ["accordion/acc1", "accordion/acc2", "tuba/tuba1", "tuba/tuba2"],
+        "val": ["accordion/acc3"],
+        "test": ["tuba/tuba3"],
+    }
+    clip = CLIP.from_pretrained(tiny_clip_dir)
+    for split, by_id in examples.items():
+        for clip_id, ex in by_id.items():
+            label = clip_id.split("/")[0]
+            assert ex["label"].decode() == label and ex["split"].decode() == split
+            wave = ex["waveform"]
+            assert wave.dtype == np.float32 and wave.ndim == 1
+            # The stored spectrogram is the STFT of the stored waveform.
+            stft = ex["stft"]
+            assert stft.dtype == np.float32 and stft.shape == (1 + len(wave) // 256, 513, 2)
+            want = librosa.stft(wave, n_fft=1024, hop_length=256, pad_mode="reflect").T
+            got = stft[..., 0] + 1j * stft[..., 1]
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+            np.testing.assert_allclose(got, np.asarray(audio.stft(wave)).T, rtol=0, atol=1e-4)
+            # Frame embeddings: the Flax CLIP on those frames, stored as float16.
+            frames_dir = os.path.join(root, "frames", label, clip_id.split("/")[1])
+            frames = [
+                media.load_frame(os.path.join(frames_dir, f))
+                for f in sorted(os.listdir(frames_dir))
+            ]
+            assert ex["frame_embeddings"].dtype == np.float16
+            assert ex["frame_embeddings"].shape == (5, 16)
+            np.testing.assert_allclose(
+                ex["frame_embeddings"],
+                clip.encode_image(frames).astype(np.float16),
+                rtol=1e-3,
+                atol=1e-3,
+            )
+            np.testing.assert_allclose(
+                ex["text_embedding"],
+                clip.encode_text([text_prompt(label)])[0],
+                rtol=1e-5,
+                atol=1e-6,
+            )
+            np.testing.assert_allclose(
+                ex["text_embedding_ensemble"],
+                clip.encode_prompt_ensemble([label])[0],
+                rtol=1e-5,
+                atol=1e-6,
+            )
+    # Audio at another rate is resampled as librosa.load does; stereo is averaged.
+    tuba1 = examples["train"]["tuba/tuba1"]["waveform"]
+    want, _ = librosa.load(os.path.join(root, "audio/tuba/tuba1.wav"), sr=SR, mono=True)
+    np.testing.assert_allclose(tuba1, want, atol=1e-5)
+    tuba2 = examples["train"]["tuba/tuba2"]["waveform"]
+    stereo, _ = sf.read(os.path.join(root, "audio/tuba/tuba2.wav"), dtype="float32")
+    np.testing.assert_allclose(tuba2, stereo.mean(axis=1), atol=1e-6)
+    # Metadata for the training pipeline.
+    metadata = tfds.builder("music", data_dir=str(out)).info.metadata
+    assert metadata["labels"] == ["accordion", "tuba"]
+    assert metadata["sample_rate"] == SR and metadata["hop_length"] == 256
+
+
+def test_index_layout_skip_report(index_build):
+    root, out, expected, builder = index_build
+    rows = read_report(builder.data_path)
+    got = {}
+    for row in rows:
+        key = row["source"]
+        if row["reason"].startswith("duplicate id"):
+            key = "dup:" + key
+        got[key] = row["reason"].split(":")[0]
+    want = {k: v for k, v in expected.items() if not v.startswith("ok")}
+    assert got == want, rows
+    assert all(r["split"] in ("train", "val", "test") for r in rows)
+    assert builder.last_notes == {"resampled from 44100 Hz": 1, "downmixed 2 channels": 1}
+
+
+def test_rerun_reuses_finished_work_shards(index_build, tiny_clip_dir, monkeypatch):
+    root, out, expected, builder = index_build
+    before = read_all(out, "music")
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("a finished work shard was extracted again")
+
+    monkeypatch.setattr(extract.Extractor, "run", no_extraction)
+    rebuilt = build.run(
+        [
+            "--dataset=music",
+            f"--manual_dir={root}",
+            f"--data_dir={out}",
+            f"--clip={tiny_clip_dir}",
+            "--clip_batch_size=8",
+            "--clips_per_shard=4",
+            "--overwrite",
+        ]
+    )
+    after = read_all(out, "music")
+    assert before.keys() == after.keys()
+    for split in before:
+        for clip_id, ex in before[split].items():
+            for key in ("waveform", "stft", "frame_embeddings"):
+                np.testing.assert_array_equal(after[split][clip_id][key], ex[key])
+    assert len(rebuilt.last_skips) == len(builder.last_skips)
+
+
+def test_beam_direct_runner_gives_the_same_examples(index_build, tiny_clip_dir, tmp_path):
+    pytest.importorskip("apache_beam")
+    root, out, expected, builder = index_build
+    beam_out = tmp_path / "beam"
+    beam_builder = build.run(
+        [
+            "--dataset=music",
+            f"--manual_dir={root}",
+            f"--data_dir={beam_out}",
+            f"--clip={tiny_clip_dir}",
+            "--clip_batch_size=8",
+            "--beam_runner=DirectRunner",
+        ]
+    )
+    direct, beam = read_all(out, "music"), read_all(beam_out, "music")
+    assert {k: sorted(v) for k, v in beam.items()} == {k: sorted(v) for k, v in direct.items()}
+    for split in direct:
+        for clip_id, ex in direct[split].items():
+            for key, value in ex.items():
+                np.testing.assert_array_equal(beam[split][clip_id][key], value, err_msg=key)
+    assert sorted(map(str, read_report(beam_builder.data_path))) == sorted(
+        map(str, read_report(builder.data_path))
+    )
+
+
+def test_videos_layout(tmp_path, tiny_clip_dir):
+    root = tmp_path / "in"
+    expected = videos_tree(root)
+    out = tmp_path / "out"
+    builder = build.run(
+        [
+            "--dataset=vggsound",
+            f"--manual_dir={root}",
+            f"--data_dir={out}",
+            f"--clip={tiny_clip_dir}",
+            "--val_fraction=0",
+            "--clip_batch_size=8",
+        ]
+    )
+    examples = read_all(out, "vggsound")
+    ok = sorted(k for k, v in expected.items() if v.startswith("ok"))
+    assert sorted(i for split in examples.values() for i in split) == ok
+    ex = examples["train"]["dogA_000030"]
+    assert ex["label"].decode() == "dog barking"
+    assert len(ex["waveform"]) == pytest.approx(5 * SR, abs=SR // 10)
+    assert ex["frame_embeddings"].shape[0] in (5, 6)  # ffmpeg's fps filter at 1 fps
+    spec = ex["stft"][..., 0] + 1j * ex["stft"][..., 1]
+    want = librosa.stft(ex["waveform"], n_fft=1024, hop_length=256, pad_mode="reflect").T
+    assert np.abs(spec - want).max() <= 1e-5 * np.abs(want).max()
+    # The test clip's label prompt (", " kept in the label, as the reference's prompt reads).
+    clip = CLIP.from_pretrained(tiny_clip_dir)
+    np.testing.assert_allclose(
+        examples["test"]["carB_000030"]["text_embedding"],
+        clip.encode_text([text_prompt("people, crowd")])[0],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    rows = read_report(builder.data_path)
+    got = {}
+    for row in rows:
+        reason = row["reason"].split(":")[0]
+        clip_id = os.path.splitext(os.path.basename(row["source"].split(" ")[0]))[0]
+        if reason == "duplicate id":
+            clip_id = "dup:" + row["reason"].split(": ")[1].split(" ")[0]
+        elif reason == "video file not found":
+            clip_id = row["source"].split("(")[1].rstrip(")") + "_000030"
+        got[clip_id] = reason
+    assert got == {k: v for k, v in expected.items() if not v.startswith("ok")}, rows
+    assert builder.last_notes["resampled from 44100 Hz"] == 1
+
+
+def test_stored_spectrogram_buckets_equal_the_plain_stft():
+    rng = np.random.default_rng(0)
+    options = extract.ExtractOptions()
+    for n in (600, 16000, 65535, 160000, 160001):
+        wave = rng.standard_normal(n).astype(np.float32)
+        got = extract.stored_spectrogram(wave, options)
+        want = np.asarray(audio.stft(wave)).T
+        np.testing.assert_allclose(
+            got[..., 0] + 1j * got[..., 1], want, rtol=0, atol=2e-5 * np.abs(want).max()
+        )
+
+
+def test_cli_help_explains_every_flag():
+    result = subprocess.run(
+        [sys.executable, "-m", "data_prep.build", "--helpshort"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    text = result.stdout + result.stderr
+    for flag in (
+        "--dataset",
+        "--manual_dir",
+        "--data_dir",
+        "--clip",
+        "--layout",
+        "--root",
+        "--beam_runner",
+        "--beam_options",
+        "--clips_per_shard",
+        "--silence_threshold",
+        "--min_samples",
+        "--[no]trim_videos",
+        "--[no]overwrite",
+        "--[no]fresh",
+    ):
+        assert flag in text, flag
+
+
+def test_bad_arguments_are_named(tmp_path, tiny_clip_dir):
+    with pytest.raises(Exception, match="no such folder"):
+        build.run(
+            [
+                "--dataset=music",
+                f"--manual_dir={tmp_path / 'nope'}",
+                f"--data_dir={tmp_path}",
+                f"--clip={tiny_clip_dir}",
+            ]
+        )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither train.csv"):
+        build.run(
+            [
+                "--dataset=music",
+                f"--manual_dir={tmp_path / 'empty'}",
+                f"--data_dir={tmp_path / 'o'}",
+                f"--clip={tiny_clip_dir}",
+            ]
+        )
