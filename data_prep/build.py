@@ -8,11 +8,17 @@ with the video files (see data_prep/sources.py). The dataset lands in OUT/<datas
 the skip report skipped.csv beside it; read it with tfds.data_source(<dataset>, data_dir=OUT).
 A re-run after an interruption reuses the finished work shards (OUT/_work/...).
 
-On a cluster, the same builder runs through Apache Beam:
+On a cluster, the same builder runs through Apache Beam; the input and output folders must be
+paths that every worker sees (a shared mount), e.g. on Flink:
 
-  python -m data_prep.build --dataset=vggsound --manual_dir=gs://.../in --data_dir=gs://.../out \
-      --beam_options="--runner=DataflowRunner --project=P --region=R \
-      --temp_location=gs://.../tmp --requirements_file=requirements.txt"
+  python -m data_prep.build --dataset=vggsound --manual_dir=/mnt/shared/vggsound \
+      --data_dir=/mnt/shared/tfds --beam_options="--runner=FlinkRunner \
+      --flink_master=HOST:8081 --environment_type=DOCKER \
+      --environment_config=REGISTRY/clipsep-beam-worker:latest"
+
+where the worker image is apache/beam_python3.11_sdk with this package installed. On one large
+machine: --beam_runner=DirectRunner --beam_options="--direct_num_workers=8
+--direct_running_mode=multi_processing".
 """
 
 from __future__ import annotations
@@ -109,6 +115,10 @@ def build_dataset(argv_flags=None) -> tuple:
     for name, value in (("--manual_dir", _MANUAL_DIR.value), ("--data_dir", _DATA_DIR.value)):
         if not value:
             raise app.UsageError(f"{name} is required")
+        if "://" in value:
+            raise app.UsageError(
+                f"{name}={value}: object-store URLs are not supported yet; use a filesystem path "
+                "(on a cluster, a shared mount at the same path on every worker)")
     if not os.path.isdir(_MANUAL_DIR.value):
         raise app.UsageError(f"--manual_dir={_MANUAL_DIR.value}: no such folder")
     if _LAYOUT.value == "auto":

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["TowerConfig", "CLIPConfig", "CLIPModel", "activation"]
+__all__ = ["TowerConfig", "CLIPConfig", "CLIPModel", "activation", "VIT_B32"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,28 @@ class CLIPConfig:
     vision: TowerConfig
     text: TowerConfig
     projection_dim: int = 512
+
+
+# openai/clip-vit-base-patch32's sizes (transformers' CLIPConfig defaults).
+VIT_B32 = CLIPConfig(
+    vision=TowerConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+    ),
+    text=TowerConfig(
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        vocab_size=49408,
+        max_position_embeddings=77,
+    ),
+    projection_dim=512,
+)
 
 
 def activation(name: str):
