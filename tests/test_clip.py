@@ -8,35 +8,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import relative_error
+from conftest import relative_error, tiny_hf_config
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from clipsep_jax import clip as clip_lib
 from clipsep_jax.clip import CLIP, byte_level_tokenizer
-
-
-def tiny_hf_config(**overrides) -> transformers.CLIPConfig:
-    text = dict(
-        vocab_size=600,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
-    vision = dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=16,
-    )
-    text.update(overrides.pop("text", {}))
-    vision.update(overrides.pop("vision", {}))
-    return transformers.CLIPConfig(
-        text_config=text, vision_config=vision, projection_dim=40, **overrides
-    )
 
 
 def save_tiny_torch_clip(folder, seed=0, safe_serialization=True, **overrides):

@@ -10,32 +10,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import tensorflow_datasets as tfds
+from conftest import tiny_hf_config
 from media_trees import SR, index_tree, videos_tree
 
 from clipsep_jax import audio
-from clipsep_jax.clip import CLIP, text_prompt
-from clipsep_jax.models.clip import CLIPConfig, TowerConfig
+from clipsep_jax.clip import CLIP, config_from_transformers, text_prompt
 from data_prep import build, extract, media
 
-TINY = CLIPConfig(
-    vision=TowerConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=16,
-    ),
-    text=TowerConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=520,
-        max_position_embeddings=64,
-    ),
-    projection_dim=16,
-)
+TINY = config_from_transformers(tiny_hf_config())
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +88,7 @@ def test_index_layout_builds_and_reads_back(index_build, tiny_clip_dir):
                 for f in sorted(os.listdir(frames_dir))
             ]
             assert ex["frame_embeddings"].dtype == np.float16
-            assert ex["frame_embeddings"].shape == (5, 16)
+            assert ex["frame_embeddings"].shape == (5, 40)
             np.testing.assert_allclose(
                 ex["frame_embeddings"],
                 clip.encode_image(frames).astype(np.float16),
