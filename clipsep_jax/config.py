@@ -85,6 +85,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.validation_every_steps = 10_000
     config.train.seed = 1234
 
+    # Device mesh (clipsep_jax/sharding.py): the batch is split over data x fsdp devices;
+    # parameters and optimizer state of at least fsdp_min_size elements are split over fsdp.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1: all devices that fsdp leaves
+    config.mesh.fsdp = 1
+    config.mesh.fsdp_min_size = 2**14
+
     return config
 
 

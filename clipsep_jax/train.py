@@ -8,6 +8,7 @@ The optimizer is the reference's: Adam with a learning rate that rises linearly 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -73,22 +74,35 @@ def create_train_state(
     )
 
 
+def training_queries(config: ml_collections.ConfigDict, batch: dict, step: jax.Array):
+    """The queries of this step: ``batch["queries"]``, or for hybrid training image queries on
+    even steps and text queries on odd steps (the reference's alternation)."""
+    if "queries" in batch or config.model.kind == "pit":
+        return batch.get("queries")
+    if config.query.mode == "hybrid":
+        return jnp.where(step % 2 == 0, batch["image_queries"], batch["text_queries"])
+    return batch[f"{config.query.mode}_queries"]
+
+
 def train_step(
     config: ml_collections.ConfigDict,
     optimizer: optax.GradientTransformation,
     state: TrainState,
     batch: dict,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step on ``batch`` = {mag_mix [B, 513, T], mags [B, N, 513, T], queries}.
+    """One optimizer step on ``batch`` = {mag_mix [B, 513, T], mags [B, N, 513, T], queries}
+    (or ``image_queries`` / ``text_queries`` [B, N, D], chosen by :func:`training_queries`).
 
     Pure: jit it with ``config`` and ``optimizer`` closed over. Returns the new state and metrics
     (``loss``, ``grad_norm``, ``learning_rate``).
     """
 
+    queries = training_queries(config, batch, state.step)
+
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         out = forward(
-            config, variables, batch["mag_mix"], batch.get("queries"), batch["mags"],
+            config, variables, batch["mag_mix"], queries, batch["mags"],
             train=True, step=state.step,
         )
         return out["loss"], out["batch_stats"]
@@ -107,3 +121,32 @@ def train_step(
         "learning_rate": learning_rate(config, state.step),
     }
     return new_state, metrics
+
+
+def sharded_train_state(
+    config: ml_collections.ConfigDict, rng: jax.Array, optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+) -> tuple[TrainState, Any]:
+    """A train state created directly in its shards on ``mesh``; returns (state, shardings)."""
+    from clipsep_jax import sharding
+
+    create = functools.partial(create_train_state, config, optimizer=optimizer)
+    shardings = sharding.state_shardings(jax.eval_shape(create, rng), mesh, config)
+    state = jax.jit(create, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def sharded_train_step(
+    config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh, state_shardings: Any,
+):
+    """:func:`train_step` jit-compiled for ``mesh``: the state keeps ``state_shardings`` and is
+    donated; the batch comes as global arrays (:func:`clipsep_jax.sharding.global_batch`);
+    metrics are replicated."""
+    from clipsep_jax import sharding
+
+    return jax.jit(
+        functools.partial(train_step, config, optimizer),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
