@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.compute_dtype = "float32"
     config.model.batch_norm_momentum = 0.1  # PyTorch convention: weight of the new batch
     config.model.batch_norm_epsilon = 1e-5
+    config.model.fusion = "late"  # query head: the reference's late fusion (the only one used)
 
     config.loss = ml_collections.ConfigDict()
     config.loss.binary_mask = True  # False: ratio masks |S_n| / sum_m |S_m| as soft targets
@@ -70,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.query.text_template = "a photo of {}"
     config.query.prompt_ensemble = False  # evaluation: average the reference's five prompts
     config.query.clip_model = "openai/clip-vit-base-patch32"
+    config.query.image_size = 224  # CLIP input frames (the reference's img_size)
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32  # global batch over all hosts
@@ -84,6 +86,20 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.adam_eps = 1e-8
     config.train.validation_every_steps = 10_000
     config.train.seed = 1234
+    config.train.num_validation_examples = 0  # 0: the whole validation split (n_validation)
+    # The reference's drop_closest: drop this many most-similar pairs per batch after
+    # drop_closest_steps (off by default there and here).
+    config.train.drop_closest = 0
+    config.train.drop_closest_steps = 10_000
+
+    # The dataset written by data_prep (TFDS ArrayRecord) and how it is read.
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "music"  # music | vggsound | a builder of the same features
+    config.data.data_dir = ""  # TFDS data dir (data_prep's --data_dir)
+    config.data.train_split = "train"
+    config.data.val_split = "val"
+    config.data.test_split = "test"
+    config.data.num_workers = 8  # input worker processes per host (the reference's workers)
 
     # Device mesh (clipsep_jax/sharding.py): the batch is split over data x fsdp devices;
     # parameters and optimizer state of at least fsdp_min_size elements are split over fsdp.
@@ -114,5 +130,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.model.compute_dtype={config.model.compute_dtype!r}: "
             "expected float32 or bfloat16"
         )
+    if config.model.fusion != "late":
+        raise ValueError(f"config.model.fusion={config.model.fusion!r}: only 'late' is built")
+    if config.query.mode not in ("image", "text", "hybrid"):
+        raise ValueError(
+            f"config.query.mode={config.query.mode!r}: expected image, text or hybrid"
+        )
+    if config.train.drop_closest:
+        raise ValueError("config.train.drop_closest: dropping closest pairs is not built yet")
     if config.audio.n_fft // 2 + 1 < 2 or config.audio.hop_length < 1:
         raise ValueError("config.audio: n_fft must be >= 2 and hop_length >= 1")
