@@ -79,6 +79,25 @@ def stft(
     return jnp.swapaxes(spectrum, -1, -2).astype(jnp.complex64)
 
 
+def stft_numpy(
+    waveform: np.ndarray, *, n_fft: int = 1024, hop_length: int = 256, win_length: int = 1024
+) -> np.ndarray:
+    """:func:`stft` on the host in numpy (centred, reflect padding): complex64 [bins, frames].
+
+    For input pipelines, whose worker processes must not start an accelerator backend.
+    """
+    waveform = np.asarray(waveform, np.float32)
+    pad = n_fft // 2
+    if waveform.shape[-1] <= pad:
+        raise ValueError(f"stft: {waveform.shape[-1]} samples is too short for padding of {pad}")
+    padded = np.pad(waveform, [(0, 0)] * (waveform.ndim - 1) + [(pad, pad)], mode="reflect")
+    frame_count = num_frames(waveform.shape[-1], hop_length)
+    index = np.arange(frame_count)[:, None] * hop_length + np.arange(n_fft)[None, :]
+    frames = padded[..., index] * hann_window(win_length, n_fft).astype(np.float32)
+    spectrum = np.fft.rfft(frames, n=n_fft, axis=-1)
+    return np.swapaxes(spectrum, -1, -2).astype(np.complex64)
+
+
 @functools.lru_cache(maxsize=16)
 def _window_sum_square(
     frame_count: int, n_fft: int, hop_length: int, win_length: int

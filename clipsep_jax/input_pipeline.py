@@ -1,0 +1,305 @@
+"""Mix-and-separate input pipeline over the datasets ``data_prep`` writes (grain over TFDS).
+
+Each training example mixes N clips as the reference's data loader does: the first clip is the
+element's, the other N - 1 are drawn uniformly from the rest; each clip gets a random centre
+frame (margins excluded), its image query is the mean embedding of ``num_frames`` frames around
+it, its audio crop (65535 samples) is centred at (centre - 0.5) / fps seconds and scaled by a
+gain U(gain_min, gain_max), clipped to [-1, 1] and divided by N. Evaluation examples use the
+middle frame, no gain, and partners drawn deterministically from the element's index.
+
+The crop's spectrum is a slice of the clip's stored whole-clip STFT (mixing stays exact: STFTs
+add), starting at the STFT frame nearest the reference's crop start. Where a gain would push a
+crop past +-1, that source's crop is clipped as in the reference and its STFT computed from the
+clipped waveform. Frames beyond the clip's ends are zeros, as the reference zero-pads.
+
+Example (numpy, per element): ``mag_mix`` [513, 256], ``mags`` [N, 513, 256], ``image_queries``
+and ``text_queries`` [N, D], ``labels`` [N] (index into the dataset's label list); evaluation
+examples add ``waveforms`` [N, crop] (the scaled sources) and ``mix_stft`` [513, 256, 2].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from clipsep_jax import audio
+
+__all__ = [
+    "MixSettings",
+    "mix_sources",
+    "open_split",
+    "training_dataset",
+    "evaluation_dataset",
+    "model_batch",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class MixSettings:
+    """The numbers the mixing needs, from the config and the dataset's metadata."""
+
+    num_sources: int
+    crop_samples: int
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    win_length: int
+    fps: float
+    frame_margin: int  # frames excluded at each end when drawing a training centre frame
+    num_frames: int  # frames averaged into an image query
+    frame_stride: int
+    gain_min: float
+    gain_max: float
+    labels: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, metadata: dict) -> MixSettings:
+        a, q = config.audio, config.query
+        for key, ours in (
+            ("sample_rate", a.sample_rate),
+            ("n_fft", a.n_fft),
+            ("hop_length", a.hop_length),
+            ("win_length", a.win_length),
+            ("fps", q.fps),
+        ):
+            if key in metadata and float(metadata[key]) != float(ours):
+                raise ValueError(
+                    f"the dataset was prepared with {key}={metadata[key]}, the config says "
+                    f"{ours}; prepare it again or change config.audio / config.query"
+                )
+        return cls(
+            num_sources=config.num_sources,
+            crop_samples=a.crop_samples,
+            sample_rate=a.sample_rate,
+            n_fft=a.n_fft,
+            hop_length=a.hop_length,
+            win_length=a.win_length,
+            fps=q.fps,
+            frame_margin=int(round(q.frame_margin_seconds * q.fps)),
+            num_frames=q.num_frames,
+            frame_stride=q.frame_stride,
+            gain_min=a.gain_min,
+            gain_max=a.gain_max,
+            labels=tuple(metadata.get("labels", ())),
+        )
+
+    @property
+    def crop_frames(self) -> int:
+        return audio.num_frames(self.crop_samples, self.hop_length)
+
+
+def centre_frame(frame_count: int, settings: MixSettings, rng: np.random.Generator | None) -> int:
+    """1-based centre frame: uniform in [margin + 1, count - margin] for training (``rng``), the
+    middle frame ``count // 2`` for evaluation; clips too short for the margins use all frames."""
+    if rng is None:
+        return max(1, frame_count // 2)
+    low, high = settings.frame_margin + 1, frame_count - settings.frame_margin
+    if high < low:
+        low, high = 1, frame_count
+    return int(rng.integers(low, high + 1))
+
+
+def image_query(frame_embeddings: np.ndarray, centre: int, settings: MixSettings) -> np.ndarray:
+    """Mean embedding of ``num_frames`` frames spaced ``frame_stride`` around the 1-based
+    ``centre`` (indices clamped into the clip), float32 [D]."""
+    offsets = (np.arange(settings.num_frames) - settings.num_frames // 2) * settings.frame_stride
+    index = np.clip(centre - 1 + offsets, 0, len(frame_embeddings) - 1)
+    return frame_embeddings[index].astype(np.float32).mean(axis=0)
+
+
+def crop_start(centre: int, settings: MixSettings) -> int:
+    """First sample of the reference's crop around frame ``centre``'s time (may be negative)."""
+    centre_sample = int((centre - 0.5) / settings.fps * settings.sample_rate)
+    return centre_sample - settings.crop_samples // 2
+
+
+def _slice_frames(stft: np.ndarray, first: int, count: int) -> np.ndarray:
+    """Frames [first, first + count) of a stored STFT [T, F, 2] as complex64 [F, count], zeros
+    where the range leaves the clip."""
+    out = np.zeros((count, stft.shape[1]), np.complex64)
+    lo, hi = max(first, 0), min(first + count, len(stft))
+    if hi > lo:
+        part = stft[lo:hi]
+        out[lo - first : hi - first] = part[..., 0] + 1j * part[..., 1]
+    return out.T
+
+
+def _crop_waveform(waveform: np.ndarray, start: int, length: int) -> np.ndarray:
+    out = np.zeros(length, np.float32)
+    lo, hi = max(start, 0), min(start + length, len(waveform))
+    if hi > lo:
+        out[lo - start : hi - start] = waveform[lo:hi]
+    return out
+
+
+def mix_sources(
+    records: Sequence[dict],
+    settings: MixSettings,
+    rng: np.random.Generator | None,
+    with_waveforms: bool = False,
+) -> dict[str, np.ndarray]:
+    """One mix-and-separate example from N clip records (``rng`` None: evaluation)."""
+    n = len(records)
+    spectra, image_queries, text_queries, labels, waveforms = [], [], [], [], []
+    for record in records:
+        count = len(record["frame_embeddings"])
+        centre = centre_frame(count, settings, rng)
+        start = crop_start(centre, settings)
+        first = int(round(start / settings.hop_length))
+        gain = 1.0 if rng is None else float(rng.uniform(settings.gain_min, settings.gain_max))
+        crop = None
+        if with_waveforms or rng is not None:
+            crop = _crop_waveform(
+                record["waveform"], first * settings.hop_length, settings.crop_samples
+            )
+        if rng is not None and gain * float(np.abs(crop).max(initial=0.0)) > 1.0:
+            crop = np.clip(gain * crop, -1.0, 1.0) / n
+            spectrum = audio.stft_numpy(
+                crop,
+                n_fft=settings.n_fft,
+                hop_length=settings.hop_length,
+                win_length=settings.win_length,
+            )
+        else:
+            spectrum = _slice_frames(record["stft"], first, settings.crop_frames) * (gain / n)
+            if crop is not None:
+                crop = crop * (gain / n)
+        spectra.append(spectrum)
+        waveforms.append(crop)
+        image_queries.append(image_query(record["frame_embeddings"], centre, settings))
+        text_queries.append(np.asarray(record["text_embedding"], np.float32))
+        label = record["label"]
+        label = label.decode() if isinstance(label, bytes) else str(label)
+        labels.append(settings.labels.index(label) if label in settings.labels else -1)
+    spectra = np.stack(spectra)
+    mixture = spectra.sum(axis=0)
+    example = {
+        "mag_mix": np.abs(mixture).astype(np.float32),
+        "mags": np.abs(spectra).astype(np.float32),
+        "image_queries": np.stack(image_queries),
+        "text_queries": np.stack(text_queries),
+        "labels": np.asarray(labels, np.int32),
+    }
+    if with_waveforms:
+        example["waveforms"] = np.stack(waveforms).astype(np.float32)
+        example["mix_stft"] = np.stack([mixture.real, mixture.imag], axis=-1).astype(np.float32)
+    return example
+
+
+def open_split(config: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
+    """(random-access TFDS source of ``split``, the dataset's metadata)."""
+    import tensorflow_datasets as tfds
+
+    if not config.data.data_dir:
+        raise ValueError("config.data.data_dir is empty: point it at data_prep's --data_dir")
+    builder = tfds.builder(config.data.name, data_dir=config.data.data_dir)
+    sources = builder.as_data_source()
+    if split not in sources:
+        raise ValueError(
+            f"{config.data.name} in {config.data.data_dir} has no split {split!r} "
+            f"(it has {sorted(sources)})"
+        )
+    return sources[split], dict(builder.info.metadata or {})
+
+
+def _partners(index: int, size: int, count: int, rng: np.random.Generator) -> list[int]:
+    """``count`` distinct indices other than ``index``, uniform (the reference's sampling)."""
+    if size - 1 < count:
+        raise ValueError(f"mixing {count + 1} sources needs at least {count + 1} clips, got {size}")
+    others = rng.choice(size - 1, size=count, replace=False)
+    return [int(i) + (i >= index) for i in others]
+
+
+class _MixTraining(grain.transforms.RandomMap):
+    def __init__(self, source, settings: MixSettings):
+        self.source, self.settings = source, settings
+
+    def random_map(self, index: int, rng: np.random.Generator) -> dict:
+        others = _partners(index, len(self.source), self.settings.num_sources - 1, rng)
+        records = [self.source[i] for i in [index, *others]]
+        return mix_sources(records, self.settings, rng)
+
+
+def training_dataset(
+    config: ml_collections.ConfigDict,
+    source: Any,
+    metadata: dict,
+    *,
+    seed: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Endless batches of this host's share of the global batch, reshuffled every epoch.
+
+    Deterministic for the seed: element k of the global stream depends on (seed, k) only, so a
+    restored iterator state continues the same batches.
+    """
+    settings = MixSettings.from_config(config, metadata)
+    batch = config.train.batch_size
+    if batch % process_count:
+        raise ValueError(
+            f"config.train.batch_size={batch} is not divisible by {process_count} hosts"
+        )
+    seed = config.train.seed if seed is None else seed
+    dataset = (
+        grain.MapDataset.range(len(source))
+        .shuffle(seed=seed)
+        .repeat()
+        .random_map(_MixTraining(source, settings), seed=seed + 1)
+    )
+    dataset = dataset[process_index::process_count].batch(
+        batch // process_count, drop_remainder=True
+    )
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
+    if config.data.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice)
+            flags.FLAGS.mark_as_parsed()
+        iterable = iterable.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.data.num_workers)
+        )
+    return iterable
+
+
+def evaluation_dataset(
+    config: ml_collections.ConfigDict,
+    source: Any,
+    metadata: dict,
+    *,
+    seed: int = 0,
+    limit: int = 0,
+) -> grain.MapDataset:
+    """One deterministic mixture per clip (middle frames, no gain, partners from the index),
+    with waveforms for scoring; ``limit`` > 0 keeps the first ``limit``."""
+    settings = MixSettings.from_config(config, metadata)
+    size = len(source)
+
+    def make(index: int) -> dict:
+        rng = np.random.default_rng([seed, index])
+        others = _partners(index, size, settings.num_sources - 1, rng)
+        records = [source[i] for i in [index, *others]]
+        return mix_sources(records, settings, None, with_waveforms=True)
+
+    dataset = grain.MapDataset.range(min(size, limit) if limit else size).map(make)
+    return dataset
+
+
+def model_batch(config: ml_collections.ConfigDict, batch: dict) -> dict:
+    """The arrays the train step reads for ``config``: queries by model kind and query mode."""
+    out = {"mag_mix": batch["mag_mix"], "mags": batch["mags"]}
+    kind, mode = config.model.kind, config.query.mode
+    if kind == "labelsep":
+        out["queries"] = batch["labels"]
+    elif kind != "pit":
+        if mode == "hybrid":
+            out["image_queries"] = batch["image_queries"]
+            out["text_queries"] = batch["text_queries"]
+        else:
+            out["queries"] = batch[f"{mode}_queries"]
+    return out
