@@ -87,6 +87,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.validation_every_steps = 10_000
     config.train.seed = 1234
     config.train.num_validation_examples = 0  # 0: the whole validation split (n_validation)
+    config.train.validation_sdr_examples = 64  # fixed subset scored with image and text queries
+    config.train.num_summary_examples = 3  # validation examples written as pictures and audio
+    config.train.log_every_steps = 100
+    config.train.checkpoint_every_steps = 1000
+    config.train.keep_checkpoints = 3  # the last K, plus the best by validation loss
+    config.train.profile_start_step = -1  # >= 0: trace profile_num_steps steps from here
+    config.train.profile_num_steps = 5
     # The reference's drop_closest: drop this many most-similar pairs per batch after
     # drop_closest_steps (off by default there and here).
     config.train.drop_closest = 0
