@@ -175,3 +175,20 @@ def test_nan_in_a_batch_stops_with_the_last_good_checkpoint(dataset_dir, tmp_pat
     assert int(state.step) == 12
     assert all(np.isfinite(np.asarray(x)).all() for x in
                __import__("jax").tree_util.tree_leaves(state.params))
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(dataset_dir, tmp_path, monkeypatch):
+    config = tiny_config(dataset_dir, num_steps=30)
+    calls = {"n": 0}
+    original = input_pipeline.model_batch
+
+    def preempted(config_, batch):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(config_, batch)
+
+    monkeypatch.setattr(input_pipeline, "model_batch", preempted)
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 13
+    assert (tmp_path / "checkpoints" / "13").is_dir()
