@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import platform
+import resource
 import statistics
 import time
 
@@ -79,6 +80,8 @@ def main() -> None:
     for row in rows:
         print(f"| {row['kind']} | {row['compile_s']:.1f} | {row['step_s']:.3f} | "
               f"{row['examples_per_s']:.2f} | {row['step_s'] / rows[0]['step_s']:.3f}x |")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(f"\npeak host memory (max RSS of this process): {peak:.2f} GiB")
 
 
 if __name__ == "__main__":
