@@ -410,6 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     writer.write_audios(step, summaries["audios"],
                                         sample_rate=config.audio.sample_rate)
                 if is_main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, **val_scalars}) + "\n")
                     print(f"step {step}  " + "  ".join(
                         f"{k} {v:.3f}" for k, v in val_scalars.items()), flush=True)
             if checkpoint_now or validate_now or stop["signal"]:

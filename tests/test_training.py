@@ -91,7 +91,8 @@ def read_log(workdir) -> dict[int, float]:
     with open(os.path.join(workdir, "train_log.jsonl")) as f:
         for line in f:
             record = json.loads(line)
-            losses[record["step"]] = record["loss"]
+            if "loss" in record:
+                losses[record["step"]] = record["loss"]
     return losses
 
 
@@ -192,3 +193,14 @@ def test_sigterm_saves_a_checkpoint_and_stops(dataset_dir, tmp_path, monkeypatch
     state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 13
     assert (tmp_path / "checkpoints" / "13").is_dir()
+
+
+def test_keeps_the_latest_and_the_best_checkpoint(dataset_dir, tmp_path, monkeypatch):
+    config = tiny_config(dataset_dir, num_steps=20, validation_every_steps=5,
+                         checkpoint_every_steps=5, keep_checkpoints=1)
+    scripted = iter([0.5, 0.2, 0.9, 0.7])  # validation losses at steps 5, 10, 15, 20
+    monkeypatch.setattr(train, "validate",
+                        lambda *args: ({"validation_loss": next(scripted)}, {}))
+    train.train_and_evaluate(config, str(tmp_path))
+    kept = {int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()}
+    assert kept == {20, 10}
