@@ -47,3 +47,51 @@ def tiny_hf_config(**overrides):
     return transformers.CLIPConfig(
         text_config=text, vision_config=vision, projection_dim=40, **overrides
     )
+
+
+# Session fixtures: a generated dataset prepared with data_prep and a tiny model trained on it,
+# shared by the training, separation and evaluation tests.
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory):
+    """A random tiny CLIP checkpoint folder (40-dim embeddings) that transformers can load."""
+    from clipsep_jax.clip import CLIP, config_from_transformers
+
+    folder = tmp_path_factory.mktemp("session_clip") / "clip"
+    CLIP.random(config_from_transformers(tiny_hf_config())).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def generated_dataset(tmp_path_factory, tiny_clip_folder):
+    """data_prep's output for generated tones with class-coloured frames (music builder)."""
+    from generated_data import clean_tree
+
+    from data_prep import build
+
+    root = tmp_path_factory.mktemp("generated_in")
+    clean_tree(root)
+    out = tmp_path_factory.mktemp("generated_data")
+    build.run(["--dataset=music", f"--manual_dir={root}", f"--data_dir={out}",
+               f"--clip={tiny_clip_folder}", "--min_samples=16383"])
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, generated_dataset, tiny_clip_folder):
+    """A tiny CLIPSep trained for 250 steps with image queries on the generated dataset."""
+    from generated_data import tiny_config
+
+    from clipsep_jax import train
+
+    config = tiny_config(generated_dataset, num_steps=250, checkpoint_every_steps=250,
+                         validation_every_steps=250, learning_rate=3e-3)
+    config.query.clip_model = tiny_clip_folder
+    workdir = tmp_path_factory.mktemp("trained")
+    with open(workdir / "config.json", "w") as f:
+        f.write(config.to_json_best_effort())
+    train.train_and_evaluate(config, str(workdir))
+    return str(workdir)

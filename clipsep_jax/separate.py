@@ -1,0 +1,415 @@
+r"""Separate recordings with text or image queries.
+
+    python -m clipsep_jax.separate --checkpoint=MODEL_DIR --input mix.wav \
+        --text "playing bagpipes" [--text ... | --image frame.jpg] --output-dir out/
+
+writes ``out/<input stem>/<query>.wav`` for each query and ``out/<input stem>/residual.wav`` (what
+no query took), at the input's sample rate, length and channel count. ``--input`` may be a folder
+(every audio or video file in it). ``--checkpoint`` is a model directory
+(``clipsep_jax.checkpoints.save_model`` / ``clipsep_jax.convert``) or a reference PyTorch
+checkpoint (with ``--model_kind``); ``--workdir`` takes the latest checkpoint of a training run.
+
+In Python::
+
+    separator = Separator.from_checkpoint("models/nit")
+    outputs = separator.separate(waveform, sample_rate, ["playing bagpipes"])
+
+Any length: the model runs on windows of ``window_frames`` STFT frames overlapping by half,
+their mask probabilities blended with triangular weights, then thresholded at 0.5 and applied
+to the whole recording's STFT, inverted once (no seams). Another sample rate is resampled to
+16 kHz and back; stereo is separated per channel or downmixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import soundfile
+
+from clipsep_jax import audio
+from clipsep_jax.models import forward
+
+__all__ = ["Separator", "read_audio", "query_file_name", "main"]
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+QUERY_KINDS = ("clipsep", "clipsep_nit")
+
+
+class SeparationError(ValueError):
+    """Bad input to separation: the message names the file or value."""
+
+
+def read_audio(path: str) -> tuple[np.ndarray, int]:
+    """An audio or video file -> (float32 [samples, channels], sample rate)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise SeparationError(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in AUDIO_EXTENSIONS + VIDEO_EXTENSIONS:
+        raise SeparationError(
+            f"{path}: unknown format {ext or '(no extension)'}; expected one of "
+            f"{', '.join(AUDIO_EXTENSIONS + VIDEO_EXTENSIONS)}")
+    try:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        return data, rate
+    except Exception as sf_error:  # not something libsndfile reads: try ffmpeg
+        if shutil.which("ffprobe") is None:
+            raise SeparationError(f"{path}: cannot read audio ({sf_error})") from sf_error
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries",
+         "stream=channels,sample_rate", "-of", "json", path],
+        capture_output=True, text=True, check=False)
+    streams = json.loads(probe.stdout or "{}").get("streams", []) if probe.returncode == 0 else []
+    if not streams:
+        raise SeparationError(f"{path}: cannot read audio (no audio stream ffmpeg can decode)")
+    channels, rate = int(streams[0]["channels"]), int(streams[0]["sample_rate"])
+    decoded = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", path, "-vn", "-f", "f32le", "-acodec",
+         "pcm_f32le", "-ac", str(channels), "-ar", str(rate), "pipe:1"],
+        capture_output=True, check=False)
+    if decoded.returncode != 0:
+        raise SeparationError(f"{path}: cannot read audio ({decoded.stderr.decode()[-200:]})")
+    return np.frombuffer(decoded.stdout, np.float32).reshape(-1, channels).copy(), rate
+
+
+def query_file_name(query: str, taken: set[str]) -> str:
+    """A file-name-safe, unique stem for a query (letters, digits, '.', '-', '_')."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", query.strip()).strip("._") or "query"
+    stem = stem[:100]
+    if stem == "residual":
+        stem = "residual_query"
+    name, i = stem, 2
+    while name in taken:
+        name, i = f"{stem}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    if rate_in == rate_out:
+        return x
+    import soxr
+
+    return soxr.resample(x, rate_in, rate_out, quality="HQ").astype(np.float32)
+
+
+class Separator:
+    """A separation model with CLIP for its queries.
+
+    Args:
+        config: the model's config (``model.kind`` clipsep or clipsep_nit; NIT's noise heads are
+            dropped, as at test time in the reference).
+        variables: its parameters and BatchNorm statistics.
+        clip: a :class:`clipsep_jax.clip.CLIP`, or a hub id / folder to load one from
+            (default: ``config.query.clip_model``).
+        window_frames: STFT frames per model window (a multiple of 2**num_downs).
+        batch_size: windows per model call.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, variables: dict, clip: Any = None,
+                 window_frames: int = 256, batch_size: int = 4):
+        if config.model.kind not in QUERY_KINDS:
+            raise SeparationError(
+                f"model kind {config.model.kind!r} cannot take text or image queries; "
+                f"separation needs one of {', '.join(QUERY_KINDS)}")
+        multiple = 2**config.model.num_downs
+        if window_frames % multiple:
+            raise SeparationError(f"window_frames={window_frames} is not a multiple of {multiple}")
+        self.config = config
+        self.variables = jax.device_put(variables)
+        self.window_frames = window_frames
+        self.batch_size = batch_size
+        self._clip = clip
+        self._probabilities = jax.jit(functools.partial(_query_probabilities, config))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, *, model_kind: str | None = None, clip: Any = None,
+                        **kwargs) -> Separator:
+        """A model directory, a training workdir (its latest checkpoint) or a reference PyTorch
+        checkpoint file (``model_kind`` required)."""
+        config, variables = load_for_inference(path, model_kind)
+        return cls(config, variables, clip, **kwargs)
+
+    @property
+    def clip(self):
+        if self._clip is None or isinstance(self._clip, str):
+            from clipsep_jax.clip import CLIP
+
+            self._clip = CLIP.from_pretrained(self._clip or self.config.query.clip_model)
+        return self._clip
+
+    def embed_queries(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
+        """Texts ("playing bagpipes" -> "a photo of playing bagpipes") or uint8 RGB images
+        -> CLIP embeddings [N, D]."""
+        from clipsep_jax.clip import text_prompt
+
+        if not queries:
+            raise SeparationError("no queries: give at least one text or image")
+        embeddings = []
+        for q in queries:
+            if isinstance(q, str):
+                if not q.strip():
+                    raise SeparationError("empty text query")
+                embeddings.append(self.clip.encode_text(
+                    [text_prompt(q, self.config.query.text_template)])[0])
+            else:
+                embeddings.append(self.clip.encode_image([np.asarray(q)])[0])
+        embeddings = np.stack(embeddings)
+        if embeddings.shape[1] != self.config.model.query_dim:
+            raise SeparationError(
+                f"CLIP gives {embeddings.shape[1]}-dim embeddings, the model takes "
+                f"{self.config.model.query_dim}")
+        return embeddings
+
+    def masks(self, mix_stft: np.ndarray, embeddings: np.ndarray, one_pass: bool = False):
+        """Mixture STFT [513, T] -> mask probabilities [N, F', T] on the model's frequency axis,
+        from overlapping windows (or one pass over the whole padded recording)."""
+        frames = mix_stft.shape[1]
+        magnitude = np.abs(mix_stft).astype(np.float32)
+        multiple = 2**self.config.model.num_downs
+        if one_pass:
+            width = -(-frames // multiple) * multiple
+            starts, window = [0], width
+        else:
+            window = self.window_frames
+            hop = window // 2
+            starts = list(range(0, max(frames - window, 0) + 1, hop))
+            if starts[-1] + window < frames:
+                starts.append(frames - window)
+        # Frames past the end repeat the recording backwards: zeros would be silence the model
+        # never heard next to sound (log(1e-10)), and would colour the last real frames.
+        extra = max(frames, starts[-1] + window) - frames
+        padded = np.pad(magnitude, ((0, 0), (0, extra)), mode="symmetric")
+        ramp = 1.0 - np.abs(np.linspace(-1.0, 1.0, window)) + 1e-3  # triangular blend weights
+        total = np.zeros((len(embeddings), self.config.audio.num_log_freq_bins
+                          if self.config.audio.log_freq else magnitude.shape[0], padded.shape[1]),
+                         np.float32)
+        weight = np.zeros(padded.shape[1], np.float32)
+        queries = jnp.asarray(embeddings[None], jnp.float32)
+        for i in range(0, len(starts), self.batch_size):
+            chunk = starts[i : i + self.batch_size]
+            windows = np.stack([padded[:, s : s + window] for s in chunk])
+            probs = np.asarray(self._probabilities(
+                self.variables, jnp.asarray(windows),
+                jnp.broadcast_to(queries, (len(chunk), *embeddings.shape))))
+            for s, p in zip(chunk, probs, strict=True):
+                total[:, :, s : s + window] += p * ramp
+                weight[s : s + window] += ramp
+        return total[:, :, :frames] / weight[:frames]
+
+    def separate_mono(self, waveform: np.ndarray, embeddings: np.ndarray,
+                      one_pass: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """16 kHz mono [S] -> (estimates [N, S], residual [S])."""
+        a = self.config.audio
+        length = len(waveform)
+        padded = np.pad(waveform.astype(np.float32), (0, max(0, a.n_fft - length)))
+        mix_stft = audio.stft_numpy(padded, n_fft=a.n_fft, hop_length=a.hop_length,
+                                    win_length=a.win_length)
+        probabilities = self.masks(mix_stft, embeddings, one_pass)
+        masks = (probabilities > 0.5).astype(np.float32)
+        residual = 1.0 - masks.max(axis=0, keepdims=True)
+        masks = np.concatenate([masks, residual])
+        if a.log_freq:
+            masks = np.asarray(audio.unwarp_to_linear_frequency(jnp.asarray(masks),
+                                                                a.n_fft // 2 + 1))
+        waves = audio.istft(jnp.asarray(masks * mix_stft[None]), hop_length=a.hop_length,
+                            win_length=a.win_length, length=len(padded))
+        waves = np.clip(np.asarray(waves), -1.0, 1.0)[:, :length]
+        return waves[:-1], waves[-1]
+
+    def separate(self, waveform: np.ndarray, sample_rate: int,
+                 queries: Sequence[str | np.ndarray], *, channels: str = "each",
+                 one_pass: bool = False) -> dict[str, np.ndarray]:
+        """A recording [samples] or [samples, channels] at any rate -> {query: estimate,
+        ..., "residual": rest}, each like the input (rate, length, channels). Image queries are
+        keyed ``image_<i>``; ``channels``: "each" (per channel) or "downmix"."""
+        waveform = np.asarray(waveform, np.float32)
+        mono_input = waveform.ndim == 1
+        data = waveform[:, None] if mono_input else waveform
+        if data.ndim != 2 or data.shape[0] == 0:
+            raise SeparationError(f"expected audio [samples] or [samples, channels], got "
+                                  f"{waveform.shape}")
+        if not np.isfinite(data).all():
+            raise SeparationError("the recording contains NaN or infinite samples")
+        if channels not in ("each", "downmix"):
+            raise SeparationError(f"channels must be 'each' or 'downmix', got {channels!r}")
+        embeddings = self.embed_queries(queries)
+        rate = self.config.audio.sample_rate
+        lanes = [data.mean(axis=1)] if channels == "downmix" else list(data.T)
+        per_lane = []
+        for lane in lanes:
+            estimates, residual = self.separate_mono(_resample(lane, sample_rate, rate),
+                                                     embeddings, one_pass)
+            back = [_fit(_resample(x, rate, sample_rate), len(data))
+                    for x in [*estimates, residual]]
+            per_lane.append(back)
+        names = [q if isinstance(q, str) else f"image_{i}" for i, q in enumerate(queries)]
+        outputs = {}
+        for index, name in enumerate([*names, "residual"]):
+            stacked = np.stack([lane[index] for lane in per_lane], axis=1)
+            if channels == "downmix" and not mono_input:
+                stacked = np.repeat(stacked, data.shape[1], axis=1)
+            outputs[name] = stacked[:, 0] if mono_input else stacked
+        return outputs
+
+
+def _fit(x: np.ndarray, length: int) -> np.ndarray:
+    return x[:length] if len(x) >= length else np.pad(x, (0, length - len(x)))
+
+
+def _query_probabilities(config, variables, magnitudes, queries):
+    """[B, 513, W] magnitudes and [B, N, D] queries -> sigmoid mask probabilities [B, N, F', W]."""
+    out = forward(config, variables, magnitudes, queries)
+    return jax.nn.sigmoid(out["query_logits"].astype(jnp.float32))
+
+
+def load_for_inference(path: str, model_kind: str | None = None):
+    """(config, variables) from a model directory, a training workdir or a reference .pt."""
+    from clipsep_jax import checkpoints
+
+    p = Path(path)
+    if p.is_file():
+        if not model_kind:
+            raise SeparationError(f"{path}: a PyTorch checkpoint needs --model_kind")
+        from clipsep_jax.convert import load_reference_checkpoint
+
+        return load_reference_checkpoint(str(p), model_kind)
+    if (p / "variables").is_dir():
+        return checkpoints.load_model(p)
+    if (p / "checkpoints").is_dir() and (p / "config.json").is_file():
+        return _load_workdir(p)
+    raise SeparationError(
+        f"{path}: not a model directory (config.json + variables/), a training workdir "
+        "(config.json + checkpoints/) or a checkpoint file")
+
+
+def _load_workdir(workdir: Path):
+    import orbax.checkpoint as ocp
+
+    from clipsep_jax import checkpoints
+    from clipsep_jax.models import init_variables
+
+    config = checkpoints.load_config(workdir)
+    manager = ocp.CheckpointManager(str((workdir / "checkpoints").absolute()),
+                                    item_names=("state", "data"))
+    step = manager.latest_step()
+    if step is None:
+        raise SeparationError(f"{workdir}: no finished checkpoint in checkpoints/")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        jax.eval_shape(lambda: init_variables(config, jax.random.PRNGKey(0))))
+    item = {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+    state = restored["state"]
+    manager.close()
+    return config, {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def _write_outputs(folder: Path, outputs: dict[str, np.ndarray], rate: int) -> None:
+    """Writes every output into a temporary folder, then renames it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        taken: set[str] = set()
+        for name, wave in outputs.items():
+            stem = "residual" if name == "residual" else query_file_name(name, taken)
+            soundfile.write(tmp / f"{stem}.wav", wave, rate, subtype="FLOAT")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clipsep_jax.separate", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="model directory or reference .pt file")
+    source.add_argument("--workdir", help="training workdir: its latest checkpoint")
+    parser.add_argument("--model_kind", help="kind of a reference .pt (clipsep, clipsep_nit)")
+    parser.add_argument("--input", required=True, help="audio/video file, or a folder of them")
+    parser.add_argument("--text", action="append", default=[], help="text query (repeatable)")
+    parser.add_argument("--image", action="append", default=[],
+                        help="image query: a picture file (repeatable)")
+    parser.add_argument("--output-dir", required=True, help="where <stem>/<query>.wav go")
+    parser.add_argument("--clip", help="CLIP hub id or folder (default: the config's)")
+    parser.add_argument("--channels", default="each", choices=("each", "downmix"),
+                        help="separate each channel, or their mean (written to every channel)")
+    parser.add_argument("--window_frames", type=int, default=256,
+                        help="STFT frames per model window (windows overlap by half)")
+    args = parser.parse_args(argv)
+    try:
+        queries: list[Any] = []
+        for text in args.text:
+            if not text.strip():
+                raise SeparationError("--text: empty query")
+            queries.append(text)
+        names = list(args.text)
+        for image_path in args.image:
+            from PIL import Image
+
+            try:
+                with Image.open(image_path) as image:
+                    queries.append(np.asarray(image.convert("RGB")))
+            except Exception as e:
+                raise SeparationError(f"{image_path}: cannot read the image ({e})") from e
+            names.append(f"image_{Path(image_path).stem}")
+        if not queries:
+            raise SeparationError("no queries: give --text and/or --image")
+        separator = Separator.from_checkpoint(args.checkpoint or args.workdir,
+                                              model_kind=args.model_kind, clip=args.clip,
+                                              window_frames=args.window_frames)
+        inputs = _input_files(args.input)
+        from tqdm import tqdm
+
+        for path in tqdm(inputs, unit="file", disable=len(inputs) < 2, file=sys.stderr):
+            waveform, rate = read_audio(path)
+            outputs = separator.separate(waveform, rate, queries, channels=args.channels)
+            outputs = {names[i] if i < len(names) else k: v
+                       for i, (k, v) in enumerate(outputs.items())}
+            folder = Path(args.output_dir) / Path(path).stem
+            _write_outputs(folder, outputs, rate)
+            print(f"{path} -> {folder}/ ({', '.join(sorted(outputs))})", flush=True)
+    except SeparationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _input_files(path: str) -> list[str]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*")
+                       if f.suffix.lower() in AUDIO_EXTENSIONS + VIDEO_EXTENSIONS)
+        if not files:
+            raise SeparationError(f"{path}: no audio or video files in this folder")
+        return files
+    if not p.exists():
+        raise SeparationError(f"{path}: no such file or folder")
+    return [str(p)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

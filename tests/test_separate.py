@@ -1,0 +1,159 @@
+"""Separation of recordings: chunked = one pass, any rate and channels, files, bad input."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch_reference as tr
+from media_trees import tone
+from PIL import Image
+
+from clipsep_jax.clip import CLIP
+from clipsep_jax.models.clip import CLIPConfig, TowerConfig
+from clipsep_jax.separate import Separator, main, query_file_name
+from clipsep_jax.separation import signal_to_distortion
+
+
+def two_instrument_mix(seconds: float, rate: int = 16000):
+    """Sources shaped like the generated training data: accordion ~220 Hz, tuba ~70 Hz."""
+    accordion = tone(seconds, rate, 242.0, seed=1)
+    tuba = tone(seconds, rate, 77.0, seed=2)
+    return accordion, tuba, (accordion + tuba) / 2
+
+
+def class_frame(label: str) -> np.ndarray:
+    """A frame like the training data's: the class colour with pixel noise."""
+    colour = np.array([220, 60, 40] if label == "accordion" else [40, 80, 220], np.float32)
+    noise = np.random.default_rng(7).normal(0, 20, (64, 64, 3))
+    return np.clip(colour + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def separator(trained_workdir, tiny_clip_folder):
+    return Separator.from_checkpoint(trained_workdir, clip=tiny_clip_folder)
+
+
+@pytest.mark.parametrize("seconds", [10.0, 60.0])
+def test_chunked_equals_one_pass(separator, seconds):
+    accordion, tuba, mix = two_instrument_mix(seconds)
+    queries = [class_frame("accordion"), class_frame("tuba"), "accordion"]
+    chunked = separator.separate(mix, 16000, queries)
+    whole = separator.separate(mix, 16000, queries, one_pass=True)
+    for name, source in (("image_0", accordion / 2), ("image_1", tuba / 2)):
+        sdr_chunked = float(signal_to_distortion(source, chunked[name]))
+        sdr_whole = float(signal_to_distortion(source, whole[name]))
+        assert abs(sdr_chunked - sdr_whole) <= 0.1, (name, sdr_chunked, sdr_whole)
+        mixture_sdr = float(signal_to_distortion(source, mix))
+        assert sdr_chunked > mixture_sdr + 3.0, (name, sdr_chunked, mixture_sdr)  # it separates
+    assert chunked["accordion"].shape == mix.shape
+
+
+def test_rate_channels_and_length_are_kept(separator):
+    _, _, mix = two_instrument_mix(3.3, rate=44100)
+    stereo = np.stack([mix, 0.5 * mix], axis=1)
+    each = separator.separate(stereo, 44100, ["accordion"])
+    assert set(each) == {"accordion", "residual"}
+    assert each["accordion"].shape == stereo.shape
+    np.testing.assert_allclose(each["accordion"][:, 1], 0.5 * each["accordion"][:, 0],
+                               atol=0.05)
+    downmix = separator.separate(stereo, 44100, ["accordion"], channels="downmix")
+    np.testing.assert_array_equal(downmix["accordion"][:, 0], downmix["accordion"][:, 1])
+
+
+def test_short_and_silent_input(separator):
+    out = separator.separate(np.zeros(100, np.float32), 16000, ["tuba"])
+    assert out["tuba"].shape == (100,) and not out["tuba"].any()
+    out = separator.separate(np.zeros(16000 * 2, np.float32), 8000, ["tuba"])
+    assert out["tuba"].shape == (32000,) and np.isfinite(out["tuba"]).all()
+
+
+def test_command_writes_every_query_and_the_residual(trained_workdir, tiny_clip_folder,
+                                                     tmp_path):
+    _, _, mix = two_instrument_mix(4.0, rate=22050)
+    sf.write(tmp_path / "song.wav", np.stack([mix, mix], 1), 22050)
+    Image.fromarray(class_frame("tuba")).save(tmp_path / "frame.png")
+    code = main(["--workdir", trained_workdir, "--clip", tiny_clip_folder,
+                 "--input", str(tmp_path / "song.wav"), "--text", "accordion / solo?",
+                 "--image", str(tmp_path / "frame.png"), "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    files = sorted(p.name for p in (tmp_path / "out" / "song").iterdir())
+    assert files == ["accordion_solo.wav", "image_frame.wav", "residual.wav"]
+    data, rate = sf.read(tmp_path / "out" / "song" / "accordion_solo.wav")
+    assert rate == 22050 and data.shape == (len(mix), 2)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_folder_mode_and_mp3(trained_workdir, tiny_clip_folder, tmp_path):
+    _, _, mix = two_instrument_mix(2.0)
+    (tmp_path / "in").mkdir()
+    sf.write(tmp_path / "in" / "a.wav", mix, 16000)
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(tmp_path / "in" / "a.wav"),
+                    str(tmp_path / "in" / "b.mp3")], check=True)
+    code = main(["--workdir", trained_workdir, "--clip", tiny_clip_folder, "--input",
+                 str(tmp_path / "in"), "--text", "tuba", "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--input", "{tmp}/missing.wav", "--text", "tuba"], "missing.wav: no such file"),
+    (["--input", "{tmp}/noise.wav", "--text", "tuba"], "noise.wav: cannot read audio"),
+    (["--input", "{tmp}/notes.txt", "--text", "tuba"], "notes.txt: unknown format .txt"),
+    (["--input", "{tmp}/ok.wav", "--text", " "], "--text: empty query"),
+    (["--input", "{tmp}/ok.wav"], "no queries"),
+    (["--input", "{tmp}/ok.wav", "--image", "{tmp}/notes.txt"], "notes.txt: cannot read the image"),
+])
+def test_bad_input_gives_a_clear_error(trained_workdir, tiny_clip_folder, tmp_path, capsys,
+                                       args, message):
+    (tmp_path / "noise.wav").write_bytes(b"RIFF????WAVEjunk")
+    (tmp_path / "notes.txt").write_text("hello")
+    sf.write(tmp_path / "ok.wav", np.zeros(1600, np.float32), 16000)
+    args = [a.format(tmp=tmp_path) for a in args]
+    code = main(["--workdir", trained_workdir, "--clip", tiny_clip_folder,
+                 "--output-dir", str(tmp_path / "out"), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_converted_reference_checkpoint_and_model_kind_errors(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.save(tr.CLIPSep(layers=5, ngf=8, channels=4).state_dict(), tmp_path / "ref.pt")
+    clip = CLIP.random(CLIPConfig(
+        vision=TowerConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=32, patch_size=16),
+        text=TowerConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, vocab_size=520, max_position_embeddings=64),
+        projection_dim=512))
+    separator = Separator.from_checkpoint(str(tmp_path / "ref.pt"), model_kind="clipsep",
+                                          clip=clip)
+    out = separator.separate(two_instrument_mix(5.0)[2], 16000, ["tuba", "accordion"])
+    assert set(out) == {"tuba", "accordion", "residual"}
+    torch.save(tr.PITSep(layers=5, ngf=8, channels=4).state_dict(), tmp_path / "pit.pt")
+    code = main(["--checkpoint", str(tmp_path / "pit.pt"), "--model_kind", "pit", "--input",
+                 str(tmp_path / "x.wav"), "--text", "a", "--output-dir", str(tmp_path / "o")])
+    assert code == 2
+    assert "model kind 'pit' cannot take text or image queries" in capsys.readouterr().err
+    code = main(["--checkpoint", str(tmp_path / "ref.pt"), "--input", "x.wav", "--text", "a",
+                 "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and "needs --model_kind" in capsys.readouterr().err
+
+
+def test_query_file_names():
+    taken = set()
+    assert query_file_name("playing bagpipes", taken) == "playing_bagpipes"
+    assert query_file_name("playing bagpipes", taken) == "playing_bagpipes_2"
+    assert query_file_name("../../etc/passwd", taken) == "etc_passwd"
+    assert query_file_name("residual", taken) == "residual_query"
+
+
+def test_help():
+    result = subprocess.run([sys.executable, "-m", "clipsep_jax.separate", "--help"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    for flag in ("--checkpoint", "--workdir", "--input", "--text", "--image", "--output-dir",
+                 "--channels"):
+        assert flag in result.stdout
