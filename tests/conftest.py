@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,10 @@ import numpy as np
 # Eight emulated CPU devices, so that mesh and sharding tests run on this machine; set before
 # any test module imports jax.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Programs compiled once are reused by later tests and by the tests' subprocesses.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"clipsep-jax-test-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 # The PyTorch rendition of the reference lives beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))

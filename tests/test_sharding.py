@@ -62,14 +62,14 @@ def global_relative_difference(a, b) -> float:
 
 @pytest.mark.parametrize(
     "kind,mode,data,fsdp",
-    [("clipsep_nit", "image", 8, 1), ("clipsep_nit", "image", 1, 8),
-     ("clipsep", "hybrid", 4, 2)],
+    [("clipsep_nit", "image", 8, 1), ("clipsep", "hybrid", 4, 2)],
 )
 def test_eight_devices_match_one(kind, mode, data, fsdp):
     """One step on the same global batch. Compared over the whole tree: a few leaves whose
     gradients are below Adam's epsilon (the reference's tiny init behind BatchNorm) pass float32
     reduction-order noise (batch 1 vs 8 per device) straight into their update; the mesh layout
-    itself changes nothing (8x1, 1x8 and 4x2 differ from one device alike)."""
+    itself changes nothing (8x1, 1x8 and 4x2 differ from one device alike; measured once, two
+    of them kept here)."""
     config = tiny_config(kind, mode)
     one_state, one_losses, _ = run_steps(config, jax.devices()[:1], steps=1)
     config.mesh.data, config.mesh.fsdp = data, fsdp
