@@ -14,10 +14,10 @@ In Python::
     separator = Separator.from_checkpoint("models/nit")
     outputs = separator.separate(waveform, sample_rate, ["playing bagpipes"])
 
-Any length: the model runs on windows of ``window_frames`` STFT frames overlapping by half,
-their mask probabilities blended with triangular weights, then thresholded at 0.5 and applied
-to the whole recording's STFT, inverted once (no seams). Another sample rate is resampled to
-16 kHz and back; stereo is separated per channel or downmixed.
+Any length: the model runs on windows of ``window_frames`` STFT frames overlapping by
+``overlap_frames``, their mask probabilities blended with linear cross-fades, then thresholded
+at 0.5 and applied to the whole recording's STFT, inverted once (no seams). Another sample
+rate is resampled to 16 kHz and back; stereo is separated per channel or downmixed.
 """
 
 from __future__ import annotations
@@ -118,12 +118,14 @@ class Separator:
         variables: its parameters and BatchNorm statistics.
         clip: a :class:`clipsep_jax.clip.CLIP`, or a hub id / folder to load one from
             (default: ``config.query.clip_model``).
-        window_frames: STFT frames per model window (a multiple of 2**num_downs).
+        window_frames: STFT frames per model window (a multiple of 2**num_downs); memory grows
+            with it, compute with window / (window - overlap).
+        overlap_frames: frames shared by neighbouring windows, cross-faded.
         batch_size: windows per model call.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, variables: dict, clip: Any = None,
-                 window_frames: int = 256, batch_size: int = 4):
+                 window_frames: int = 1024, overlap_frames: int = 256, batch_size: int = 2):
         if config.model.kind not in QUERY_KINDS:
             raise SeparationError(
                 f"model kind {config.model.kind!r} cannot take text or image queries; "
@@ -133,10 +135,15 @@ class Separator:
             raise SeparationError(f"window_frames={window_frames} is not a multiple of {multiple}")
         self.config = config
         self.variables = jax.device_put(variables)
+        if not 0 < overlap_frames < window_frames:
+            raise SeparationError(f"overlap_frames={overlap_frames} must be in (0, window_frames)")
         self.window_frames = window_frames
+        self.overlap_frames = overlap_frames
         self.batch_size = batch_size
         self._clip = clip
         self._probabilities = jax.jit(functools.partial(_query_probabilities, config))
+        self._reconstruct = jax.jit(functools.partial(_masks_to_waveforms, config),
+                                    static_argnums=(2,))
 
     @classmethod
     def from_checkpoint(cls, path: str, *, model_kind: str | None = None, clip: Any = None,
@@ -188,7 +195,7 @@ class Separator:
             starts, window = [0], width
         else:
             window = self.window_frames
-            hop = window // 2
+            hop = window - self.overlap_frames
             starts = list(range(0, max(frames - window, 0) + 1, hop))
             if starts[-1] + window < frames:
                 starts.append(frames - window)
@@ -196,7 +203,12 @@ class Separator:
         # never heard next to sound (log(1e-10)), and would colour the last real frames.
         extra = max(frames, starts[-1] + window) - frames
         padded = np.pad(magnitude, ((0, 0), (0, extra)), mode="symmetric")
-        ramp = 1.0 - np.abs(np.linspace(-1.0, 1.0, window)) + 1e-3  # triangular blend weights
+        # Linear cross-fades over the overlaps, flat (weight 1) in between.
+        fade = np.linspace(0.0, 1.0, min(self.overlap_frames, window) + 2)[1:-1]
+        ramp = np.ones(window, np.float32)
+        if not one_pass:
+            ramp[: len(fade)] = fade
+            ramp[window - len(fade) :] = fade[::-1]
         total = np.zeros((len(embeddings), self.config.audio.num_log_freq_bins
                           if self.config.audio.log_freq else magnitude.shape[0], padded.shape[1]),
                          np.float32)
@@ -222,15 +234,8 @@ class Separator:
         mix_stft = audio.stft_numpy(padded, n_fft=a.n_fft, hop_length=a.hop_length,
                                     win_length=a.win_length)
         probabilities = self.masks(mix_stft, embeddings, one_pass)
-        masks = (probabilities > 0.5).astype(np.float32)
-        residual = 1.0 - masks.max(axis=0, keepdims=True)
-        masks = np.concatenate([masks, residual])
-        if a.log_freq:
-            masks = np.asarray(audio.unwarp_to_linear_frequency(jnp.asarray(masks),
-                                                                a.n_fft // 2 + 1))
-        waves = audio.istft(jnp.asarray(masks * mix_stft[None]), hop_length=a.hop_length,
-                            win_length=a.win_length, length=len(padded))
-        waves = np.clip(np.asarray(waves), -1.0, 1.0)[:, :length]
+        waves = np.asarray(self._reconstruct(jnp.asarray(probabilities), jnp.asarray(mix_stft),
+                                             len(padded)))[:, :length]
         return waves[:-1], waves[-1]
 
     def separate(self, waveform: np.ndarray, sample_rate: int,
@@ -271,6 +276,19 @@ class Separator:
 
 def _fit(x: np.ndarray, length: int) -> np.ndarray:
     return x[:length] if len(x) >= length else np.pad(x, (0, length - len(x)))
+
+
+def _masks_to_waveforms(config, probabilities, mix_stft, length):
+    """Mask probabilities [N, F', T] and the mixture STFT [513, T] -> waveforms [N + 1, length]
+    in [-1, 1]: each query's binary mask, then the residual (1 - their union)."""
+    a = config.audio
+    masks = (probabilities > 0.5).astype(jnp.float32)
+    masks = jnp.concatenate([masks, 1.0 - masks.max(axis=0, keepdims=True)])
+    if a.log_freq:
+        masks = audio.unwarp_to_linear_frequency(masks, a.n_fft // 2 + 1)
+    waves = audio.istft(masks * mix_stft[None], hop_length=a.hop_length,
+                        win_length=a.win_length, length=length)
+    return jnp.clip(waves, -1.0, 1.0)
 
 
 def _query_probabilities(config, variables, magnitudes, queries):
@@ -357,8 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clip", help="CLIP hub id or folder (default: the config's)")
     parser.add_argument("--channels", default="each", choices=("each", "downmix"),
                         help="separate each channel, or their mean (written to every channel)")
-    parser.add_argument("--window_frames", type=int, default=256,
-                        help="STFT frames per model window (windows overlap by half)")
+    parser.add_argument("--window_frames", type=int, default=1024,
+                        help="STFT frames per model window (1024: about 16 s)")
+    parser.add_argument("--overlap_frames", type=int, default=256,
+                        help="frames shared and cross-faded by neighbouring windows")
     args = parser.parse_args(argv)
     try:
         queries: list[Any] = []
@@ -380,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SeparationError("no queries: give --text and/or --image")
         separator = Separator.from_checkpoint(args.checkpoint or args.workdir,
                                               model_kind=args.model_kind, clip=args.clip,
-                                              window_frames=args.window_frames)
+                                              window_frames=args.window_frames,
+                                              overlap_frames=args.overlap_frames)
         inputs = _input_files(args.input)
         from tqdm import tqdm
 

@@ -36,8 +36,9 @@ def separator(trained_workdir, tiny_clip_folder):
     return Separator.from_checkpoint(trained_workdir, clip=tiny_clip_folder)
 
 
-@pytest.mark.parametrize("seconds", [10.0, 60.0])
-def test_chunked_equals_one_pass(separator, seconds):
+@pytest.mark.parametrize("seconds,window,overlap", [(10.0, 256, 128), (60.0, 1024, 256)])
+def test_chunked_equals_one_pass(separator, seconds, window, overlap):
+    separator.window_frames, separator.overlap_frames = window, overlap
     accordion, tuba, mix = two_instrument_mix(seconds)
     queries = [class_frame("accordion"), class_frame("tuba"), "accordion"]
     chunked = separator.separate(mix, 16000, queries)
