@@ -79,6 +79,15 @@ def stft(
     return jnp.swapaxes(spectrum, -1, -2).astype(jnp.complex64)
 
 
+def resample(waveform: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Host-side resampling along the first axis (soxr HQ, as ``librosa.load`` does), float32."""
+    if rate_in == rate_out:
+        return np.asarray(waveform, np.float32)
+    import soxr
+
+    return soxr.resample(waveform, rate_in, rate_out, quality="HQ").astype(np.float32)
+
+
 def stft_numpy(
     waveform: np.ndarray, *, n_fft: int = 1024, hop_length: int = 256, win_length: int = 1024
 ) -> np.ndarray:

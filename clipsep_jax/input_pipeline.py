@@ -290,10 +290,11 @@ def evaluation_dataset(
     return dataset
 
 
-def model_batch(config: ml_collections.ConfigDict, batch: dict) -> dict:
-    """The arrays the train step reads for ``config``: queries by model kind and query mode."""
+def model_batch(config: ml_collections.ConfigDict, batch: dict, mode: str | None = None) -> dict:
+    """The arrays the train and eval steps read for ``config``: queries by model kind and query
+    mode (``mode`` overrides ``config.query.mode``, e.g. to validate with text queries)."""
     out = {"mag_mix": batch["mag_mix"], "mags": batch["mags"]}
-    kind, mode = config.model.kind, config.query.mode
+    kind, mode = config.model.kind, mode or config.query.mode
     if kind == "labelsep":
         out["queries"] = batch["labels"]
     elif kind != "pit":

@@ -43,6 +43,7 @@ import soundfile
 
 from clipsep_jax import audio
 from clipsep_jax.models import forward
+from clipsep_jax.separation import binary_masks, masked_waveforms, with_residual
 
 __all__ = ["Separator", "read_audio", "query_file_name", "main"]
 
@@ -99,14 +100,6 @@ def query_file_name(query: str, taken: set[str]) -> str:
         name, i = f"{stem}_{i}", i + 1
     taken.add(name)
     return name
-
-
-def _resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    if rate_in == rate_out:
-        return x
-    import soxr
-
-    return soxr.resample(x, rate_in, rate_out, quality="HQ").astype(np.float32)
 
 
 class Separator:
@@ -259,9 +252,9 @@ class Separator:
         lanes = [data.mean(axis=1)] if channels == "downmix" else list(data.T)
         per_lane = []
         for lane in lanes:
-            estimates, residual = self.separate_mono(_resample(lane, sample_rate, rate),
+            estimates, residual = self.separate_mono(audio.resample(lane, sample_rate, rate),
                                                      embeddings, one_pass)
-            back = [_fit(_resample(x, rate, sample_rate), len(data))
+            back = [_fit(audio.resample(x, rate, sample_rate), len(data))
                     for x in [*estimates, residual]]
             per_lane.append(back)
         names = [q if isinstance(q, str) else f"image_{i}" for i, q in enumerate(queries)]
@@ -279,16 +272,10 @@ def _fit(x: np.ndarray, length: int) -> np.ndarray:
 
 
 def _masks_to_waveforms(config, probabilities, mix_stft, length):
-    """Mask probabilities [N, F', T] and the mixture STFT [513, T] -> waveforms [N + 1, length]
-    in [-1, 1]: each query's binary mask, then the residual (1 - their union)."""
-    a = config.audio
-    masks = (probabilities > 0.5).astype(jnp.float32)
-    masks = jnp.concatenate([masks, 1.0 - masks.max(axis=0, keepdims=True)])
-    if a.log_freq:
-        masks = audio.unwarp_to_linear_frequency(masks, a.n_fft // 2 + 1)
-    waves = audio.istft(masks * mix_stft[None], hop_length=a.hop_length,
-                        win_length=a.win_length, length=length)
-    return jnp.clip(waves, -1.0, 1.0)
+    """Mask probabilities [N, F', T] and the mixture STFT [513, T] -> waveforms [N + 1, length]:
+    each query's binary mask, then the residual (1 - their union)."""
+    masks = with_residual(binary_masks(probabilities, logits=False))
+    return masked_waveforms(config, masks, mix_stft, length)
 
 
 def _query_probabilities(config, variables, magnitudes, queries):

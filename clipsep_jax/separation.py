@@ -13,23 +13,30 @@ import ml_collections
 
 from clipsep_jax import audio
 
-__all__ = ["binary_masks", "masked_waveforms", "signal_to_distortion"]
+__all__ = ["binary_masks", "with_residual", "masked_waveforms", "signal_to_distortion"]
 
 
-def binary_masks(logits: jax.Array, threshold: float = 0.5) -> jax.Array:
-    """Pre-sigmoid mask logits [..., F, T] -> float32 0/1 masks (sigmoid(z) > threshold)."""
-    return (jax.nn.sigmoid(logits.astype(jnp.float32)) > threshold).astype(jnp.float32)
+def binary_masks(values: jax.Array, threshold: float = 0.5, *, logits: bool = True) -> jax.Array:
+    """Mask logits (or, with ``logits=False``, probabilities) [..., F, T] -> float32 0/1 masks:
+    sigmoid(z) > threshold."""
+    probabilities = jax.nn.sigmoid(values.astype(jnp.float32)) if logits else values
+    return (probabilities > threshold).astype(jnp.float32)
+
+
+def with_residual(masks: jax.Array) -> jax.Array:
+    """Binary masks [..., N, F, T] -> [..., N + 1, F, T]: the last is what no mask took."""
+    return jnp.concatenate([masks, 1.0 - masks.max(axis=-3, keepdims=True)], axis=-3)
 
 
 def masked_waveforms(
     config: ml_collections.ConfigDict, masks: jax.Array, mix_stft: jax.Array, length: int
 ) -> jax.Array:
-    """Masks on the model's frequency axis [B, N, F', T] and the mixture's complex STFT
-    [B, 513, T] -> waveforms [B, N, length] in [-1, 1]."""
+    """Masks on the model's frequency axis [..., N, F', T] and the mixture's complex STFT
+    [..., 513, T] -> waveforms [..., N, length] in [-1, 1]."""
     a = config.audio
     if a.log_freq:
         masks = audio.unwarp_to_linear_frequency(masks, a.n_fft // 2 + 1)
-    spectrum = masks * mix_stft[:, None]
+    spectrum = masks * mix_stft[..., None, :, :]
     waves = audio.istft(spectrum, hop_length=a.hop_length, win_length=a.win_length,
                         length=length)
     return jnp.clip(waves, -1.0, 1.0)

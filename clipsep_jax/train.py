@@ -211,21 +211,13 @@ def _spectrogram_picture(values: np.ndarray) -> np.ndarray:
     return (rgb * 255).astype(np.uint8)
 
 
-def _validation_queries(config: ml_collections.ConfigDict, batch: dict, mode: str) -> dict:
-    from clipsep_jax import input_pipeline
-
-    mode_config = ml_collections.ConfigDict(config.to_dict())
-    if mode_config.model.kind not in ("pit", "labelsep"):
-        mode_config.query.mode = mode
-    return input_pipeline.model_batch(mode_config, batch)
-
-
 def validate(
     config: ml_collections.ConfigDict, state: TrainState, dataset, mesh, eval_fn, separate_fn,
 ) -> tuple[dict, dict]:
     """Validation loss over the split (full batches) and plain SDR of a fixed subset with image
     and text queries; returns (scalars, summaries of the first few examples)."""
-    from clipsep_jax import sharding
+    from clipsep_jax import input_pipeline, sharding
+    from clipsep_jax.separation import signal_to_distortion
 
     devices = mesh.devices.size
     batch_size = min(config.train.batch_size, len(dataset) // devices * devices)
@@ -241,7 +233,7 @@ def validate(
         examples = [dataset[i] for i in range(start, start + batch_size)]
         batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
         for mode in modes:
-            inputs = sharding.global_batch(_validation_queries(config, batch, mode), mesh)
+            inputs = sharding.global_batch(input_pipeline.model_batch(config, batch, mode), mesh)
             out = eval_fn(state, inputs)
             if mode == config.query.mode or (config.query.mode == "hybrid" and mode == "image"):
                 losses.append(float(out["loss"]))
@@ -249,11 +241,12 @@ def validate(
                 if mode == modes[0]:  # the mixture itself scored as the estimate: the baseline
                     mixture = np.broadcast_to(batch["waveforms"].sum(1, keepdims=True),
                                               batch["waveforms"].shape)
-                    mixture_sdr.append(separation_metrics(batch["waveforms"], mixture)[:, 0])
+                    mixture_sdr.append(np.asarray(
+                        signal_to_distortion(batch["waveforms"], mixture))[:, 0])
                 mix = batch["mix_stft"][..., 0] + 1j * batch["mix_stft"][..., 1]
                 waves = np.asarray(separate_fn(out["query_logits"], mix))
                 sdr[mode].append(np.asarray(
-                    separation_metrics(batch["waveforms"], waves))[:, 0])
+                    signal_to_distortion(batch["waveforms"], waves))[:, 0])
                 if start == 0 and mode == modes[0]:
                     summaries = _summaries(config, batch, out, waves)
     scalars = {"validation_loss": float(np.mean(losses)) if losses else float("nan")}
@@ -263,12 +256,6 @@ def validate(
     if mixture_sdr:
         scalars["validation_sdr_mixture"] = float(np.mean(np.concatenate(mixture_sdr)))
     return scalars, summaries
-
-
-def separation_metrics(references: np.ndarray, estimates: np.ndarray) -> np.ndarray:
-    from clipsep_jax.separation import signal_to_distortion
-
-    return np.asarray(signal_to_distortion(jnp.asarray(references), jnp.asarray(estimates)))
 
 
 def _summaries(config, batch: dict, out: dict, waves: np.ndarray) -> dict:
@@ -299,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     from clipsep_jax import input_pipeline, sharding
     from clipsep_jax.config import validate as validate_config
     from clipsep_jax.metric_writers import create_writer
-    from clipsep_jax.separation import masked_waveforms
+    from clipsep_jax.separation import binary_masks, masked_waveforms
 
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
@@ -325,8 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                       out_shardings=sharding.replicated(mesh))
     length = config.audio.crop_samples
     separate_fn = jax.jit(
-        lambda logits, mix: masked_waveforms(
-            config, (jax.nn.sigmoid(logits) > 0.5).astype(jnp.float32), mix, length))
+        lambda logits, mix: masked_waveforms(config, binary_masks(logits), mix, length))
 
     manager = _checkpoint_manager(config, os.path.join(os.path.abspath(workdir), "checkpoints"))
     if manager.latest_step() is not None:

@@ -199,10 +199,10 @@ def stored_spectrogram(waveform: np.ndarray, options: ExtractOptions) -> np.ndar
 
 
 def make_example(
-    clip: ExtractedClip, extractor_text: tuple[np.ndarray, np.ndarray], options: ExtractOptions
+    clip: ExtractedClip, text_embeddings: tuple[np.ndarray, np.ndarray], options: ExtractOptions
 ) -> dict:
     """The dataset example of an extracted clip (the features of :func:`features`)."""
-    prompt, ensemble = extractor_text
+    prompt, ensemble = text_embeddings
     s = clip.source
     return {
         "id": s.clip_id,

@@ -17,6 +17,8 @@ import numpy as np
 import soundfile
 from PIL import Image
 
+from clipsep_jax import audio
+
 __all__ = [
     "SkipClip",
     "load_audio_file",
@@ -34,18 +36,16 @@ class SkipClip(Exception):  # noqa: N818 (a skip, not an error)
 
 
 def _to_mono_resampled(
-    audio: np.ndarray, rate: int, sample_rate: int, notes: list[str]
+    samples: np.ndarray, rate: int, sample_rate: int, notes: list[str]
 ) -> np.ndarray:
     """[samples, channels] at ``rate`` -> mono float32 at ``sample_rate`` (mean of channels,
     soxr HQ resampling as librosa.load does by default)."""
-    if audio.shape[1] > 1:
-        notes.append(f"downmixed {audio.shape[1]} channels")
-    mono = audio.mean(axis=1, dtype=np.float64)
+    if samples.shape[1] > 1:
+        notes.append(f"downmixed {samples.shape[1]} channels")
+    mono = samples.mean(axis=1, dtype=np.float64)
     if rate != sample_rate:
-        import soxr
-
         notes.append(f"resampled from {rate} Hz")
-        mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
+        mono = audio.resample(mono, rate, sample_rate)
     return np.ascontiguousarray(mono, np.float32)
 
 
@@ -86,15 +86,15 @@ def load_audio_file(path: str, sample_rate: int) -> tuple[np.ndarray, list[str]]
         raise SkipClip("audio file not found: " + path)
     try:
         declared = _wav_declared_frames(path)
-        audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile's errors are many and plain
         raise SkipClip(f"unreadable audio: {str(e).strip() or type(e).__name__}") from e
     if declared and declared[1] < declared[0]:
         raise SkipClip(f"truncated audio: {declared[1]} of {declared[0]} declared samples on disk")
-    if audio.shape[0] == 0:
+    if samples.shape[0] == 0:
         raise SkipClip("empty audio: 0 samples")
     notes: list[str] = []
-    return _to_mono_resampled(audio, rate, sample_rate, notes), notes
+    return _to_mono_resampled(samples, rate, sample_rate, notes), notes
 
 
 def check_waveform(
