@@ -43,7 +43,7 @@ import soundfile
 
 from clipsep_jax import audio
 from clipsep_jax.models import forward
-from clipsep_jax.separation import binary_masks, masked_waveforms, with_residual
+from clipsep_jax.separation import linear_masks, masked_waveforms, with_residual
 
 __all__ = ["Separator", "read_audio", "query_file_name", "main"]
 
@@ -143,7 +143,12 @@ class Separator:
                         **kwargs) -> Separator:
         """A model directory, a training workdir (its latest checkpoint) or a reference PyTorch
         checkpoint file (``model_kind`` required)."""
-        config, variables = load_for_inference(path, model_kind)
+        from clipsep_jax.checkpoints import load_for_inference
+
+        try:
+            config, variables = load_for_inference(path, model_kind)
+        except (ValueError, OSError) as e:  # the message names the file and the problem
+            raise SeparationError(str(e)) from e
         return cls(config, variables, clip, **kwargs)
 
     @property
@@ -274,7 +279,7 @@ def _fit(x: np.ndarray, length: int) -> np.ndarray:
 def _masks_to_waveforms(config, probabilities, mix_stft, length):
     """Mask probabilities [N, F', T] and the mixture STFT [513, T] -> waveforms [N + 1, length]:
     each query's binary mask, then the residual (1 - their union)."""
-    masks = with_residual(binary_masks(probabilities, logits=False))
+    masks = with_residual(linear_masks(config, probabilities))
     return masked_waveforms(config, masks, mix_stft, length)
 
 
@@ -282,52 +287,6 @@ def _query_probabilities(config, variables, magnitudes, queries):
     """[B, 513, W] magnitudes and [B, N, D] queries -> sigmoid mask probabilities [B, N, F', W]."""
     out = forward(config, variables, magnitudes, queries)
     return jax.nn.sigmoid(out["query_logits"].astype(jnp.float32))
-
-
-def load_for_inference(path: str, model_kind: str | None = None):
-    """(config, variables) from a model directory, a training workdir or a reference .pt."""
-    from clipsep_jax import checkpoints
-
-    p = Path(path)
-    if p.is_file():
-        if not model_kind:
-            raise SeparationError(f"{path}: a PyTorch checkpoint needs --model_kind")
-        from clipsep_jax.convert import load_reference_checkpoint
-
-        return load_reference_checkpoint(str(p), model_kind)
-    if (p / "variables").is_dir():
-        return checkpoints.load_model(p)
-    if (p / "checkpoints").is_dir() and (p / "config.json").is_file():
-        return _load_workdir(p)
-    raise SeparationError(
-        f"{path}: not a model directory (config.json + variables/), a training workdir "
-        "(config.json + checkpoints/) or a checkpoint file")
-
-
-def _load_workdir(workdir: Path):
-    import orbax.checkpoint as ocp
-
-    from clipsep_jax import checkpoints
-    from clipsep_jax.models import init_variables
-
-    config = checkpoints.load_config(workdir)
-    manager = ocp.CheckpointManager(str((workdir / "checkpoints").absolute()),
-                                    item_names=("state", "data"))
-    step = manager.latest_step()
-    if step is None:
-        raise SeparationError(f"{workdir}: no finished checkpoint in checkpoints/")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        jax.eval_shape(lambda: init_variables(config, jax.random.PRNGKey(0))))
-    item = {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))
-    state = restored["state"]
-    manager.close()
-    return config, {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
 def _write_outputs(folder: Path, outputs: dict[str, np.ndarray], rate: int) -> None:

@@ -1,8 +1,9 @@
 """From mask logits to separated waveforms, as the reference's evaluation does, and a plain SDR.
 
-Masks are thresholded at 0.5 (sigmoid(z) > 0.5, i.e. z > 0), unwarped from the log-frequency axis
-to the linear one, multiplied with the mixture magnitude, combined with the mixture phase and
-inverted with the inverse STFT; the waveform is clipped to [-1, 1].
+Mask probabilities are unwarped from the log-frequency axis to the linear one, then thresholded
+at 0.5 (in that order, as the reference's evaluation and inference do), multiplied with the
+mixture magnitude, combined with the mixture phase and inverted with the inverse STFT; the
+waveform is clipped to [-1, 1].
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import ml_collections
 
 from clipsep_jax import audio
 
-__all__ = ["binary_masks", "with_residual", "masked_waveforms", "signal_to_distortion"]
+__all__ = ["binary_masks", "linear_masks", "with_residual", "masked_waveforms",
+           "signal_to_distortion"]
 
 
 def binary_masks(values: jax.Array, threshold: float = 0.5, *, logits: bool = True) -> jax.Array:
@@ -28,14 +30,26 @@ def with_residual(masks: jax.Array) -> jax.Array:
     return jnp.concatenate([masks, 1.0 - masks.max(axis=-3, keepdims=True)], axis=-3)
 
 
+def linear_masks(
+    config: ml_collections.ConfigDict, probabilities: jax.Array, threshold: float | None = 0.5
+) -> jax.Array:
+    """Mask probabilities on the model's frequency axis [..., F', T] -> masks on the linear axis
+    [..., 513, T]: unwarped, then 0/1 by ``probabilities > threshold`` (None: kept soft)."""
+    a = config.audio
+    masks = probabilities.astype(jnp.float32)
+    if a.log_freq:
+        masks = audio.unwarp_to_linear_frequency(masks, a.n_fft // 2 + 1)
+    if threshold is not None:
+        masks = (masks > threshold).astype(jnp.float32)
+    return masks
+
+
 def masked_waveforms(
     config: ml_collections.ConfigDict, masks: jax.Array, mix_stft: jax.Array, length: int
 ) -> jax.Array:
-    """Masks on the model's frequency axis [..., N, F', T] and the mixture's complex STFT
-    [..., 513, T] -> waveforms [..., N, length] in [-1, 1]."""
+    """Linear-frequency masks [..., N, 513, T] (:func:`linear_masks`) and the mixture's complex
+    STFT [..., 513, T] -> waveforms [..., N, length] in [-1, 1]."""
     a = config.audio
-    if a.log_freq:
-        masks = audio.unwarp_to_linear_frequency(masks, a.n_fft // 2 + 1)
     spectrum = masks * mix_stft[..., None, :, :]
     waves = audio.istft(spectrum, hop_length=a.hop_length, win_length=a.win_length,
                         length=length)

@@ -202,15 +202,6 @@ def _restore(manager, step: int, abstract_state, iterator):
     return restored["state"]
 
 
-def _spectrogram_picture(values: np.ndarray) -> np.ndarray:
-    """[F, T] non-negative values -> uint8 RGB picture [F, T, 3], low frequencies at the
-    bottom, scaled to its own range (a blue-to-yellow map)."""
-    v = np.asarray(values, np.float32)[::-1]
-    v = (v - v.min()) / max(float(v.max() - v.min()), 1e-12)
-    rgb = np.stack([v, v**0.5 * 0.9, 0.6 * (1 - v)], axis=-1)
-    return (rgb * 255).astype(np.uint8)
-
-
 def validate(
     config: ml_collections.ConfigDict, state: TrainState, dataset, mesh, eval_fn, separate_fn,
 ) -> tuple[dict, dict]:
@@ -238,28 +229,31 @@ def validate(
             if mode == config.query.mode or (config.query.mode == "hybrid" and mode == "image"):
                 losses.append(float(out["loss"]))
             if start < sdr_limit:
+                # A silent queried source has no SDR; it is left out, as in the evaluation.
+                audible = np.abs(batch["waveforms"][:, 0]).sum(-1) > 1e-5
                 if mode == modes[0]:  # the mixture itself scored as the estimate: the baseline
                     mixture = np.broadcast_to(batch["waveforms"].sum(1, keepdims=True),
                                               batch["waveforms"].shape)
                     mixture_sdr.append(np.asarray(
-                        signal_to_distortion(batch["waveforms"], mixture))[:, 0])
+                        signal_to_distortion(batch["waveforms"], mixture))[:, 0][audible])
                 mix = batch["mix_stft"][..., 0] + 1j * batch["mix_stft"][..., 1]
                 waves = np.asarray(separate_fn(out["query_logits"], mix))
-                sdr[mode].append(np.asarray(
-                    signal_to_distortion(batch["waveforms"], waves))[:, 0])
+                values = np.asarray(signal_to_distortion(batch["waveforms"], waves))[:, 0]
+                sdr[mode].append(values[audible])
                 if start == 0 and mode == modes[0]:
                     summaries = _summaries(config, batch, out, waves)
     scalars = {"validation_loss": float(np.mean(losses)) if losses else float("nan")}
     for mode, values in sdr.items():
-        if values:
+        if values and len(np.concatenate(values)):
             scalars[f"validation_sdr_{mode}"] = float(np.mean(np.concatenate(values)))
-    if mixture_sdr:
+    if mixture_sdr and len(np.concatenate(mixture_sdr)):
         scalars["validation_sdr_mixture"] = float(np.mean(np.concatenate(mixture_sdr)))
     return scalars, summaries
 
 
 def _summaries(config, batch: dict, out: dict, waves: np.ndarray) -> dict:
     from clipsep_jax import audio
+    from clipsep_jax.pictures import spectrogram_picture
     from clipsep_jax.separation import binary_masks
 
     count = min(config.train.num_summary_examples, len(batch["mag_mix"]))
@@ -267,8 +261,8 @@ def _summaries(config, batch: dict, out: dict, waves: np.ndarray) -> dict:
     mix_log = np.asarray(audio.warp_to_log_frequency(jnp.asarray(batch["mag_mix"][:count])))
     masks = np.asarray(binary_masks(out["query_logits"][:count]))
     for i in range(count):
-        images[f"example_{i}/mixture"] = _spectrogram_picture(np.log1p(mix_log[i]))
-        images[f"example_{i}/mask"] = _spectrogram_picture(masks[i, 0])
+        images[f"example_{i}/mixture"] = spectrogram_picture(np.log1p(mix_log[i]))
+        images[f"example_{i}/mask"] = spectrogram_picture(masks[i, 0])
         audios[f"example_{i}/mixture"] = batch["waveforms"][i].sum(0)[None, :, None]
         audios[f"example_{i}/separated"] = waves[i, :1, :, None]
         audios[f"example_{i}/source"] = batch["waveforms"][i, :1, :, None]
@@ -286,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     from clipsep_jax import input_pipeline, sharding
     from clipsep_jax.config import validate as validate_config
     from clipsep_jax.metric_writers import create_writer
-    from clipsep_jax.separation import binary_masks, masked_waveforms
+    from clipsep_jax.separation import linear_masks, masked_waveforms
 
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
@@ -312,7 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                       out_shardings=sharding.replicated(mesh))
     length = config.audio.crop_samples
     separate_fn = jax.jit(
-        lambda logits, mix: masked_waveforms(config, binary_masks(logits), mix, length))
+        lambda logits, mix: masked_waveforms(
+            config, linear_masks(config, jax.nn.sigmoid(logits.astype(jnp.float32))), mix,
+            length))
 
     manager = _checkpoint_manager(config, os.path.join(os.path.abspath(workdir), "checkpoints"))
     if manager.latest_step() is not None:

@@ -119,9 +119,9 @@ class _Base(nn.Module):
 
 
 class CLIPSep(_Base):
-    def __init__(self, n_mix=2, layers=7, channels=32, ngf=64):
+    def __init__(self, n_mix=2, layers=7, channels=32, ngf=64, query_dim=512):
         super().__init__(n_mix, layers, channels, ngf)
-        self.frame_net = nn.Linear(512, channels)
+        self.frame_net = nn.Linear(query_dim, channels)
         self.synth_net = InnerProd(channels)
         for m in (self.sound_net, self.frame_net, self.synth_net):
             m.apply(_init)
@@ -146,9 +146,10 @@ class LabelSep(CLIPSep):
 
 
 class CLIPSepNIT(_Base):
-    def __init__(self, n_mix=2, layers=7, channels=32, ngf=64, reg2_coef=0.1, reg2_eps=0.25):
+    def __init__(self, n_mix=2, layers=7, channels=32, ngf=64, reg2_coef=0.1, reg2_eps=0.25,
+                 query_dim=512):
         super().__init__(n_mix, layers, channels, ngf)
-        self.frame_net = nn.Linear(512, channels)
+        self.frame_net = nn.Linear(query_dim, channels)
         self.pit_nets = nn.ModuleList([nn.Linear(channels, channels) for _ in range(2)])
         self.synth_net = InnerProd(channels)
         self.reg2_coef, self.reg2_eps = reg2_coef, reg2_eps
