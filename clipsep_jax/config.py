@@ -69,7 +69,6 @@ def default_config() -> ml_collections.ConfigDict:
     config.query.fps = 1.0
     config.query.frame_margin_seconds = 3.0  # training centre frame avoids the clip's ends
     config.query.text_template = "a photo of {}"
-    config.query.prompt_ensemble = False  # evaluation: average the reference's five prompts
     config.query.clip_model = "openai/clip-vit-base-patch32"
     config.query.image_size = 224  # CLIP input frames (the reference's img_size)
 
@@ -107,6 +106,31 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.val_split = "val"
     config.data.test_split = "test"
     config.data.num_workers = 8  # input worker processes per host (the reference's workers)
+    config.data.cache_in_memory = False  # keep decoded records (datasets that fit in memory)
+    # Build the dataset on first use when it is missing (synth_music only: it needs no input).
+    config.data.prepare_if_missing = False
+    config.data.synth_clips_per_class = (16, 3, 4)  # synth_music: train, val, test per class
+    config.data.synth_seconds = 8.0
+    config.data.synth_seed = 0
+
+    # Evaluation (python -m clipsep_jax.evaluate): test mixtures as the reference builds them.
+    config.eval = ml_collections.ConfigDict()
+    config.eval.split = "test"  # the queried clips (the reference's test list)
+    config.eval.interference_split = ""  # where interfering clips come from ("": eval.split)
+    config.eval.num_sources = 2  # clips per test mixture; > 2: the interferers are averaged
+    config.eval.num_examples = 0  # 0: one mixture per clip of eval.split (n_evaluation)
+    config.eval.seed = 0  # draws the interfering clips of mixture i from (seed, i)
+    # image, text ("a photo of {label}"), text_ensemble (the reference's five prompts averaged)
+    config.eval.query_modes = "image,text,text_ensemble"
+    config.eval.binary_masks = True  # threshold the predicted masks (the paper's evaluation)
+    config.eval.threshold = 0.5
+    config.eval.metric = "museval"  # museval (BSSEval v4, whole signal) | mir_eval (v3)
+    config.eval.fast_metrics = True  # compute the metric with fast_bss_eval
+    config.eval.check_examples = 8  # also scored by the metric's own library; gap reported
+    config.eval.batch_size = 32  # mixtures per model call
+    config.eval.num_workers = -1  # metric worker processes (-1: one per CPU, 0: in-process)
+    config.eval.after_training = False  # python -m clipsep_jax.main evaluates when training ends
+    config.eval.num_audio_examples = 0  # mixtures written as audio and pictures with the table
 
     # Device mesh (clipsep_jax/sharding.py): the batch is split over data x fsdp devices;
     # parameters and optimizer state of at least fsdp_min_size elements are split over fsdp.
@@ -145,5 +169,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.train.drop_closest:
         raise ValueError("config.train.drop_closest: dropping closest pairs is not built yet")
+    if config.eval.metric not in ("museval", "mir_eval"):
+        raise ValueError(f"config.eval.metric={config.eval.metric!r}: expected museval or "
+                         "mir_eval")
     if config.audio.n_fft // 2 + 1 < 2 or config.audio.hop_length < 1:
         raise ValueError("config.audio: n_fft must be >= 2 and hop_length >= 1")

@@ -14,7 +14,8 @@ clipped waveform. Frames beyond the clip's ends are zeros, as the reference zero
 
 Example (numpy, per element): ``mag_mix`` [513, 256], ``mags`` [N, 513, 256], ``image_queries``
 and ``text_queries`` [N, D], ``labels`` [N] (index into the dataset's label list); evaluation
-examples add ``waveforms`` [N, crop] (the scaled sources) and ``mix_stft`` [513, 256, 2].
+examples add ``waveforms`` [N, crop] (the scaled sources), ``mix_stft`` [513, 256, 2] and
+``text_queries_ensemble`` [N, D] (the prompt-ensemble embeddings).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from clipsep_jax import audio
 
 __all__ = [
     "MixSettings",
+    "MemoryCachedSource",
     "mix_sources",
     "open_split",
+    "partner_indices",
     "training_dataset",
     "evaluation_dataset",
     "model_batch",
@@ -142,11 +145,19 @@ def mix_sources(
     settings: MixSettings,
     rng: np.random.Generator | None,
     with_waveforms: bool = False,
+    scales: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """One mix-and-separate example from N clip records (``rng`` None: evaluation)."""
+    """One mix-and-separate example from N clip records (``rng`` None: evaluation).
+
+    ``scales``: each record's factor in place of 1 / N (the test mixtures of
+    ``clipsep_jax.evaluate`` average several interfering clips into one)."""
     n = len(records)
+    scales = [1.0 / n] * n if scales is None else list(scales)
+    if len(scales) != n:
+        raise ValueError(f"{len(scales)} scales for {n} records")
     spectra, image_queries, text_queries, labels, waveforms = [], [], [], [], []
-    for record in records:
+    ensembles = []
+    for record, scale in zip(records, scales, strict=True):
         count = len(record["frame_embeddings"])
         centre = centre_frame(count, settings, rng)
         start = crop_start(centre, settings)
@@ -158,7 +169,7 @@ def mix_sources(
                 record["waveform"], first * settings.hop_length, settings.crop_samples
             )
         if rng is not None and gain * float(np.abs(crop).max(initial=0.0)) > 1.0:
-            crop = np.clip(gain * crop, -1.0, 1.0) / n
+            crop = np.clip(gain * crop, -1.0, 1.0) * scale
             spectrum = audio.stft_numpy(
                 crop,
                 n_fft=settings.n_fft,
@@ -166,13 +177,16 @@ def mix_sources(
                 win_length=settings.win_length,
             )
         else:
-            spectrum = _slice_frames(record["stft"], first, settings.crop_frames) * (gain / n)
+            spectrum = _slice_frames(record["stft"], first, settings.crop_frames) * (gain * scale)
             if crop is not None:
-                crop = crop * (gain / n)
+                crop = crop * (gain * scale)
         spectra.append(spectrum)
         waveforms.append(crop)
         image_queries.append(image_query(record["frame_embeddings"], centre, settings))
         text_queries.append(np.asarray(record["text_embedding"], np.float32))
+        if with_waveforms:
+            ensembles.append(np.asarray(
+                record.get("text_embedding_ensemble", record["text_embedding"]), np.float32))
         label = record["label"]
         label = label.decode() if isinstance(label, bytes) else str(label)
         labels.append(settings.labels.index(label) if label in settings.labels else -1)
@@ -188,11 +202,35 @@ def mix_sources(
     if with_waveforms:
         example["waveforms"] = np.stack(waveforms).astype(np.float32)
         example["mix_stft"] = np.stack([mixture.real, mixture.imag], axis=-1).astype(np.float32)
+        example["text_queries_ensemble"] = np.stack(ensembles)
     return example
 
 
+class MemoryCachedSource:
+    """A random-access source that keeps every record it has decoded.
+
+    ArrayRecord decompresses a whole record (the clip's STFT: about 2 MB per 8 s) to read any
+    part of it, about 8 ms per record on one core; a dataset that fits in memory pays that once.
+    Thread-safe for grain's reader threads; worker processes would each hold a copy.
+    """
+
+    def __init__(self, source: Any):
+        self.source = source
+        self.records: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records.get(index)
+        if record is None:
+            record = self.records[index] = self.source[index]
+        return record
+
+
 def open_split(config: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
-    """(random-access TFDS source of ``split``, the dataset's metadata)."""
+    """(random-access TFDS source of ``split``, the dataset's metadata); records stay in memory
+    once read when ``config.data.cache_in_memory``."""
     import tensorflow_datasets as tfds
 
     if not config.data.data_dir:
@@ -204,10 +242,13 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> tuple[Any, dict
             f"{config.data.name} in {config.data.data_dir} has no split {split!r} "
             f"(it has {sorted(sources)})"
         )
-    return sources[split], dict(builder.info.metadata or {})
+    source = sources[split]
+    if config.data.cache_in_memory:
+        source = MemoryCachedSource(source)
+    return source, dict(builder.info.metadata or {})
 
 
-def _partners(index: int, size: int, count: int, rng: np.random.Generator) -> list[int]:
+def partner_indices(index: int, size: int, count: int, rng: np.random.Generator) -> list[int]:
     """``count`` distinct indices other than ``index``, uniform (the reference's sampling)."""
     if size - 1 < count:
         raise ValueError(f"mixing {count + 1} sources needs at least {count + 1} clips, got {size}")
@@ -220,7 +261,7 @@ class _MixTraining(grain.transforms.RandomMap):
         self.source, self.settings = source, settings
 
     def random_map(self, index: int, rng: np.random.Generator) -> dict:
-        others = _partners(index, len(self.source), self.settings.num_sources - 1, rng)
+        others = partner_indices(index, len(self.source), self.settings.num_sources - 1, rng)
         records = [self.source[i] for i in [index, *others]]
         return mix_sources(records, self.settings, rng)
 
@@ -282,7 +323,7 @@ def evaluation_dataset(
 
     def make(index: int) -> dict:
         rng = np.random.default_rng([seed, index])
-        others = _partners(index, size, settings.num_sources - 1, rng)
+        others = partner_indices(index, size, settings.num_sources - 1, rng)
         records = [source[i] for i in [index, *others]]
         return mix_sources(records, settings, None, with_waveforms=True)
 
