@@ -37,16 +37,28 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
+    if not flags.FLAGS["verbosity"].present:  # progress lines are printed; libraries' INFO
+        logging.set_verbosity(logging.WARNING)  # logs come back with --verbosity=0
     import jax
 
     if _wants_distributed():
         jax.distributed.initialize()
-    logging.info("process %d of %d, %d devices (%d local)", jax.process_index(),
-                 jax.process_count(), jax.device_count(), jax.local_device_count())
+    print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} "
+          f"devices ({jax.local_device_count()} local, {jax.devices()[0].platform})", flush=True)
 
     from clipsep_jax import train
 
     config = _CONFIG.value
+    if config.data.prepare_if_missing:
+        from data_prep import synth_music
+
+        if jax.process_index() == 0:
+            synth_music.prepare_for_config(config)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dataset prepared")
+            synth_music.prepare_for_config(config)
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(_WORKDIR.value, "config.json.tmp"), "w") as f:
@@ -58,6 +70,14 @@ def main(argv):
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    if config.eval.after_training and jax.process_index() == 0:
+        from clipsep_jax import evaluate
+
+        report, path = evaluate.run(config, _WORKDIR.value, "best")
+        print("\n" + evaluate.format_table(report), flush=True)
+        print(f"evaluation: {path.with_suffix('.md')} and {path.name}", flush=True)
+        for folder in report.get("audio_examples", []):
+            print(f"example separation: {folder}/", flush=True)
 
 
 if __name__ == "__main__":

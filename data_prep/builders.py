@@ -1,4 +1,5 @@
-"""TFDS builders ``music`` and ``vggsound``: clips with waveform, STFT and CLIP embeddings.
+"""TFDS builders ``music``, ``vggsound`` and ``synth_music``: clips with waveform, STFT and CLIP
+embeddings.
 
 Each example is one clip (see :func:`features`). Both builders read either input layout of
 :mod:`data_prep.sources` from the manual folder and write ArrayRecord files, so that
@@ -41,7 +42,7 @@ from clipsep_jax.clip import CLIP, DEFAULT_CLIP
 from data_prep.extract import ExtractedClip, ExtractOptions, Extractor, make_example
 from data_prep.sources import ClipSource, Skip, detect_layout, read_index, read_videos
 
-__all__ = ["Music", "Vggsound", "BUILDERS", "features", "skip_summary"]
+__all__ = ["Music", "Vggsound", "SynthMusic", "BUILDERS", "features", "skip_summary"]
 
 _STFT_LAYOUT = (
     "stft[t, f] = (real, imag) of the centred STFT (Hann, reflect padding) of the whole "
@@ -173,7 +174,9 @@ class _ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         raise ValueError(f"layout must be auto, index or videos, got {layout!r}")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        manual_dir = os.fspath(dl_manager.manual_dir)
+        return self._splits_from(os.fspath(dl_manager.manual_dir))
+
+    def _splits_from(self, manual_dir: str):
         sources, skips = self._sources(manual_dir)
         self._skips = list(skips)
         labels = sorted({s.label for s in sources})
@@ -409,7 +412,35 @@ class Vggsound(_ClipDatasetBuilder):
     """VGGSound: about 200k 10-second YouTube clips in 309 classes (Chen et al., 2020)."""
 
 
-BUILDERS = {"music": Music, "vggsound": Vggsound}
+class SynthMusic(_ClipDatasetBuilder):
+    """MUSIC's 11 instruments playing random melodies, rendered here from a General MIDI
+    soundfont, with generated class scenes as video frames (:mod:`data_prep.synth_music`).
+
+    Needs no input: the clips are rendered into the work folder, then extracted as ``music``.
+    """
+
+    MANUAL_DOWNLOAD_INSTRUCTIONS = None
+
+    def __init__(self, *, clips_per_class: Sequence[int] = (16, 3, 4), seconds: float = 8.0,
+                 seed: int = 0, **kwargs):
+        self.clips_per_class = tuple(int(c) for c in clips_per_class)
+        self.seconds = float(seconds)
+        self.seed = int(seed)
+        super().__init__(**kwargs)
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        from data_prep import synth_music
+
+        name = "rendered-{}-{}s-seed{}".format("x".join(map(str, self.clips_per_class)),
+                                                self.seconds, self.seed)
+        tree = synth_music.write_tree(os.path.join(self.work_dir, name), self.clips_per_class,
+                                      self.seconds, self.seed, self.options.sample_rate)
+        self.info.metadata.update({"synth_clips_per_class": list(self.clips_per_class),
+                                   "synth_seconds": self.seconds, "synth_seed": self.seed})
+        return self._splits_from(os.fspath(tree))
+
+
+BUILDERS = {"music": Music, "vggsound": Vggsound, "synth_music": SynthMusic}
 
 
 def clear_work_dir(path: str) -> None:
