@@ -314,7 +314,7 @@ def separate_worker(repeats: int) -> dict:
     return out
 
 
-WORKERS = {"peak": matmul_peak, "train_step": train_step_worker, "nit": nit_worker,
+WORKERS = {"matmul": matmul_peak, "train_step": train_step_worker, "nit": nit_worker,
            "end_to_end": end_to_end_worker, "separate": separate_worker}
 
 
@@ -403,7 +403,7 @@ def main() -> None:
     }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="clipsep-bench-") as scratch:
-        results.update(_run_worker("peak", args.repeats, scratch))
+        results.update(_run_worker("matmul", args.repeats, scratch))
         for name in selected:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             result = _run_worker(name, args.repeats, scratch)
