@@ -91,35 +91,11 @@ def matmul_peak(repeats: int) -> dict:
 
 
 def _flax_step(kind: str, compute_dtype: str, repeats: int) -> dict:
-    import functools
+    from benchmarks.train_step import measure
 
-    import jax
-
-    from benchmarks.train_step import synthetic_batch
-    from clipsep_jax.config import default_config
-    from clipsep_jax.train import create_train_state, make_optimizer, train_step
-
-    config = default_config()
-    config.model.kind = kind
-    config.model.compute_dtype = compute_dtype
-    optimizer = make_optimizer(config)
-    state = create_train_state(config, jax.random.key(0), optimizer)
-    batch = jax.device_put(synthetic_batch(config, BATCH))
-    step = jax.jit(functools.partial(train_step, config, optimizer), donate_argnums=0)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    holder = {"state": state}
-
-    def run():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        jax.block_until_ready(metrics)
-
-    seconds = _timed(run, repeats)
-    return {"compile_s": compile_s, "step_s": seconds, "examples_per_s": BATCH / seconds,
-            "flops_per_step": float(cost.get("flops", float("nan")))}
+    result = measure(kind, BATCH, repeats, compute_dtype)
+    return {key: result[key] for key in ("compile_s", "step_s", "examples_per_s",
+                                         "flops_per_step")}
 
 
 def _torch_step(kind: str, repeats: int) -> dict:

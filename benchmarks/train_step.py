@@ -49,6 +49,8 @@ def measure(kind: str, batch_size: int, repeats: int, compute_dtype: str) -> dic
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
     times = []
@@ -59,7 +61,8 @@ def measure(kind: str, batch_size: int, repeats: int, compute_dtype: str) -> dic
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     return {"kind": kind, "compile_s": compile_s, "step_s": step_s,
-            "examples_per_s": batch_size / step_s, "loss": float(metrics["loss"])}
+            "examples_per_s": batch_size / step_s, "loss": float(metrics["loss"]),
+            "flops_per_step": float((cost or {}).get("flops", float("nan")))}
 
 
 def main() -> None:
