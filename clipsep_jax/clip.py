@@ -524,8 +524,13 @@ class CLIP:
         tmp = tempfile.mkdtemp(prefix=".tmp-clip-", dir=os.path.dirname(path))
         try:
             c = self.config
+            text_config = _tower_dict(c.text, drop=_VISION_ONLY)
+            for key in ("bos_token_id", "pad_token_id"):  # transformers' defaults are
+                value = getattr(self.tokenizer, key, None)  # OpenAI's ids, past a small vocab
+                if value is not None:
+                    text_config[key] = value
             hf = HFCLIPConfig(
-                text_config=_tower_dict(c.text, drop=_VISION_ONLY),
+                text_config=text_config,
                 vision_config=_tower_dict(c.vision, drop=_TEXT_ONLY),
                 projection_dim=c.projection_dim,
             )
