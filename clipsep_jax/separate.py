@@ -118,7 +118,7 @@ class Separator:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, variables: dict, clip: Any = None,
-                 window_frames: int = 1024, overlap_frames: int = 256, batch_size: int = 2):
+                 window_frames: int = 2048, overlap_frames: int = 256, batch_size: int = 2):
         if config.model.kind not in QUERY_KINDS:
             raise SeparationError(
                 f"model kind {config.model.kind!r} cannot take text or image queries; "
@@ -188,8 +188,13 @@ class Separator:
         frames = mix_stft.shape[1]
         magnitude = np.abs(mix_stft).astype(np.float32)
         multiple = 2**self.config.model.num_downs
+        # A recording that fits one window runs as one window of its length rounded up to a
+        # bucket of 256 frames (a few compiled shapes, little padding).
+        bucket = -(-max(256, multiple) // multiple) * multiple
+        fitted = -(-frames // bucket) * bucket
+        one_pass = one_pass or fitted <= self.window_frames
         if one_pass:
-            width = -(-frames // multiple) * multiple
+            width = -(-frames // multiple) * multiple if fitted > self.window_frames else fitted
             starts, window = [0], width
         else:
             window = self.window_frames
@@ -321,8 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clip", help="CLIP hub id or folder (default: the config's)")
     parser.add_argument("--channels", default="each", choices=("each", "downmix"),
                         help="separate each channel, or their mean (written to every channel)")
-    parser.add_argument("--window_frames", type=int, default=1024,
-                        help="STFT frames per model window (1024: about 16 s)")
+    parser.add_argument("--window_frames", type=int, default=2048,
+                        help="STFT frames per model window (2048: about 33 s)")
     parser.add_argument("--overlap_frames", type=int, default=256,
                         help="frames shared and cross-faded by neighbouring windows")
     args = parser.parse_args(argv)
