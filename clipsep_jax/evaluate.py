@@ -44,12 +44,13 @@ from clipsep_jax.separation import linear_masks, masked_waveforms
 
 __all__ = ["test_mixtures", "query_modes", "candidate_masks", "evaluate", "format_table", "main"]
 
-TEXT_MODES = {"text": "text_queries", "text_ensemble": "text_queries_ensemble",
+# query mode -> the test mixture's key holding its embedding
+QUERY_KEYS = {"text": "text_queries", "text_ensemble": "text_queries_ensemble",
               "image": "image_queries"}
 
 
 def test_mixtures(config: ml_collections.ConfigDict, source: Any, metadata: dict,
-                  interference: Any | None = None) -> list[dict] | Any:
+                  interference: Any | None = None) -> Any:
     """Random-access test mixtures (``len`` and ``[i]``), deterministic per index.
 
     Element ``i``: ``mag_mix`` [513, T], ``mix_stft`` [513, T, 2], ``waveforms`` [2, crop]
@@ -104,10 +105,10 @@ def query_modes(config: ml_collections.ConfigDict) -> list[str]:
     if kind == "labelsep":
         return ["label"]
     modes = [m.strip() for m in config.eval.query_modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in TEXT_MODES]
+    unknown = [m for m in modes if m not in QUERY_KEYS]
     if unknown or not modes:
         raise ValueError(f"config.eval.query_modes={config.eval.query_modes!r}: expected a comma-"
-                         f"separated list of {', '.join(TEXT_MODES)}")
+                         f"separated list of {', '.join(QUERY_KEYS)}")
     return modes
 
 
@@ -205,7 +206,7 @@ def evaluate(config: ml_collections.ConfigDict, variables: dict, examples: Any, 
                 elif mode == "label":
                     queries = stacked["labels"][:, None]
                 else:
-                    queries = stacked[TEXT_MODES[mode]][:, None]
+                    queries = stacked[QUERY_KEYS[mode]][:, None]
                 probabilities = infer(variables, stacked["mag_mix"], queries)
                 estimates, mixture = reconstruct(probabilities, jnp.asarray(mix_stft), length)
                 estimates, mixture = np.asarray(estimates), np.asarray(mixture)
@@ -342,7 +343,7 @@ def write_examples(config: ml_collections.ConfigDict, variables: dict, examples:
             warp(jnp.asarray(truth[:, : e["mag_mix"].shape[-1]])[None]))[0])))
         for mode in query_modes(config):
             queries = (None if mode == "none" else np.asarray(e["labels"])[None, None]
-                       if mode == "label" else e[TEXT_MODES[mode]][None, None])
+                       if mode == "label" else e[QUERY_KEYS[mode]][None, None])
             probabilities = infer(variables, e["mag_mix"][None], queries)
             estimates, _ = reconstruct(probabilities, jnp.asarray(stft), length)
             soundfile.write(out / f"{mode}.wav", np.asarray(estimates)[0, 0, 0], rate)

@@ -52,12 +52,15 @@ def main(argv):
     if config.data.prepare_if_missing:
         from data_prep import synth_music
 
-        if jax.process_index() == 0:
-            synth_music.prepare_for_config(config)
-        if jax.process_count() > 1:
+        if jax.process_count() > 1:  # the first host builds; the others then read it
             from jax.experimental import multihost_utils
 
+            if jax.process_index() == 0:
+                synth_music.prepare_for_config(config)
             multihost_utils.sync_global_devices("dataset prepared")
+            if jax.process_index() != 0:
+                synth_music.prepare_for_config(config)
+        else:
             synth_music.prepare_for_config(config)
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if jax.process_index() == 0:

@@ -265,8 +265,10 @@ def prepare(data_dir: str | Path, *, clip: str, clips_per_class=(16, 3, 4), seco
 def prepare_for_config(config) -> None:
     """The demo's first step: builds ``config.data`` (synth_music) if it is missing, then points
     ``config.query.clip_model`` at the CLIP that embedded its frames (the text queries must come
-    from the same CLIP)."""
+    from the same CLIP). A dataset built with other synth settings is refused, not reused."""
     import tensorflow_datasets as tfds
+
+    from data_prep.builders import SynthMusic
 
     d = config.data
     if d.name != "synth_music":
@@ -274,12 +276,19 @@ def prepare_for_config(config) -> None:
                          f"without inputs; prepare {d.name!r} with python -m data_prep.build")
     if not d.data_dir:
         raise ValueError("config.data.data_dir is empty: where should the dataset go?")
-    try:
-        builder = tfds.builder("synth_music", data_dir=d.data_dir)
-        clip = builder.info.metadata["clip"]
-        if not os.path.exists(clip) and not os.path.isabs(clip):
+    built = Path(d.data_dir) / "synth_music" / str(SynthMusic.VERSION)
+    if (built / "dataset_info.json").is_file():
+        metadata = tfds.builder_from_directory(str(built)).info.metadata
+        wanted = {"synth_clips_per_class": [int(c) for c in d.synth_clips_per_class],
+                  "synth_seconds": float(d.synth_seconds), "synth_seed": int(d.synth_seed)}
+        differs = {k: (metadata.get(k), v) for k, v in wanted.items() if metadata.get(k) != v}
+        if differs:
+            raise ValueError(f"{built} was built with other settings (built, asked): {differs}; "
+                             "choose another config.data.data_dir or delete that folder")
+        clip = metadata["clip"]
+        if not os.path.isdir(clip):  # a hub id: the cached copy, or the offline stand-in
             clip = resolve_clip(clip, d.data_dir)
-    except Exception:  # not built yet
+    else:
         clip = resolve_clip(config.query.clip_model, d.data_dir)
         print(f"preparing synth_music in {d.data_dir} (CLIP: {clip})", flush=True)
         builder = prepare(d.data_dir, clip=clip, clips_per_class=tuple(d.synth_clips_per_class),
