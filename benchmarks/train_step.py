@@ -38,10 +38,30 @@ def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
     return batch
 
 
-def measure(kind: str, batch_size: int, repeats: int, compute_dtype: str) -> dict:
+def model_flops_per_step(kind: str, batch_size: int, compute_dtype: str = "float32") -> float:
+    """FLOPs of one train step of the model as the reference defines it (upsampling, then each
+    3x3 convolution at full resolution), from XLA's cost analysis of that formulation."""
     config = default_config()
     config.model.kind = kind
     config.model.compute_dtype = compute_dtype
+    config.model.up_conv_formulation = "upsample_first"
+    optimizer = make_optimizer(config)
+    state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0), optimizer))
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                         synthetic_batch(config, batch_size))
+    step = jax.jit(functools.partial(train_step, config, optimizer))
+    cost = step.lower(state, batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def measure(kind: str, batch_size: int, repeats: int, compute_dtype: str,
+            up_conv_formulation: str = "taps_first") -> dict:
+    """Compile time, median step time, and the step's FLOPs as compiled (``flops_per_step``)."""
+    config = default_config()
+    config.model.kind = kind
+    config.model.compute_dtype = compute_dtype
+    config.model.up_conv_formulation = up_conv_formulation
     optimizer = make_optimizer(config)
     state = create_train_state(config, jax.random.key(0), optimizer)
     batch = jax.device_put(synthetic_batch(config, batch_size))
@@ -60,7 +80,7 @@ def measure(kind: str, batch_size: int, repeats: int, compute_dtype: str) -> dic
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    return {"kind": kind, "compile_s": compile_s, "step_s": step_s,
+    return {"kind": kind, "up_conv_formulation": up_conv_formulation, "compile_s": compile_s, "step_s": step_s,
             "examples_per_s": batch_size / step_s, "loss": float(metrics["loss"]),
             "flops_per_step": float((cost or {}).get("flops", float("nan")))}
 
@@ -71,18 +91,23 @@ def main() -> None:
     parser.add_argument("--kinds", default="clipsep,clipsep_nit")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--up_conv_formulations", default="taps_first",
+                        help="comma-separated; each kind is measured with each, alternating")
     args = parser.parse_args()
     device = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
     print(f"# train step, batch {args.batch_size}, {args.compute_dtype}, "
           f"{device.platform} ({device.device_kind}), {cpu}, jax {jax.__version__}")
-    rows = [measure(kind, args.batch_size, args.repeats, args.compute_dtype)
-            for kind in args.kinds.split(",")]
-    print("| kind | compile s | step s (median) | examples/s | step time vs first |")
-    print("| --- | --- | --- | --- | --- |")
+    rows = [measure(kind, args.batch_size, args.repeats, args.compute_dtype, formulation)
+            for kind in args.kinds.split(",")
+            for formulation in args.up_conv_formulations.split(",")]
+    print("| kind | up conv | compile s | step s (median) | examples/s | GFLOP per step | "
+          "step time vs first |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['kind']} | {row['compile_s']:.1f} | {row['step_s']:.3f} | "
-              f"{row['examples_per_s']:.2f} | {row['step_s'] / rows[0]['step_s']:.3f}x |")
+        print(f"| {row['kind']} | {row['up_conv_formulation']} | {row['compile_s']:.1f} | "
+              f"{row['step_s']:.3f} | {row['examples_per_s']:.2f} | "
+              f"{row['flops_per_step'] / 1e9:.0f} | {row['step_s'] / rows[0]['step_s']:.3f}x |")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(f"\npeak host memory (max RSS of this process): {peak:.2f} GiB")
 

@@ -45,6 +45,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.compute_dtype = "float32"
     config.model.batch_norm_momentum = 0.1  # PyTorch convention: weight of the new batch
     config.model.batch_norm_epsilon = 1e-5
+    # How each up level's upsampling + 3x3 convolution is computed (the same function):
+    # "taps_first" mixes channels at the lower resolution (a quarter of the multiply-adds),
+    # "upsample_first" is the reference's order.
+    config.model.up_conv_formulation = "taps_first"
     config.model.fusion = "late"  # query head: the reference's late fusion (the only one used)
 
     config.loss = ml_collections.ConfigDict()
@@ -160,6 +164,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.model.compute_dtype={config.model.compute_dtype!r}: "
             "expected float32 or bfloat16"
+        )
+    if config.model.up_conv_formulation not in ("taps_first", "upsample_first"):
+        raise ValueError(
+            f"config.model.up_conv_formulation={config.model.up_conv_formulation!r}: "
+            "expected taps_first or upsample_first"
         )
     if config.model.fusion != "late":
         raise ValueError(f"config.model.fusion={config.model.fusion!r}: only 'late' is built")

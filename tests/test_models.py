@@ -135,3 +135,47 @@ def test_upsampling_matches_torch_align_corners(height, width):
     got = jax.jit(upsample_bilinear_2x)(x)
     assert got.shape == (2, 2 * height, 2 * width, 3)
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (1, 3), (2, 5), (8, 4)])
+def test_taps_first_upsample_conv_matches_torch_and_upsample_first(height, width):
+    import torch
+
+    from clipsep_jax.models.layers import upsample_conv3x3
+
+    rng = np.random.default_rng(height * 10 + width)
+    x = rng.normal(size=(2, height, width, 5)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 5, 3)).astype(np.float32)
+    upsampled = torch.nn.functional.interpolate(
+        torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear",
+        align_corners=True,
+    )
+    expected = torch.nn.functional.conv2d(
+        upsampled, torch.from_numpy(kernel).permute(3, 2, 0, 1), padding=1
+    ).permute(0, 2, 3, 1).numpy()
+    outputs, gradients = {}, {}
+    cotangent = rng.normal(size=expected.shape).astype(np.float32)
+    for formulation in ("taps_first", "upsample_first"):
+        fn = functools.partial(upsample_conv3x3, formulation=formulation)
+        outputs[formulation], pullback = jax.vjp(jax.jit(fn), x, kernel)
+        gradients[formulation] = pullback(cotangent)
+        np.testing.assert_allclose(outputs[formulation], expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(gradients["taps_first"], gradients["upsample_first"], strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_up_conv_formulations_give_the_same_model():
+    config = small_config()
+    variables = init_variables(config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    mag_mix = jnp.asarray(rng.uniform(0, 2, (2, 513, 32)), jnp.float32)
+    queries = jnp.asarray(rng.normal(size=(2, 2, 512)), jnp.float32)
+    outputs = {}
+    for formulation in ("taps_first", "upsample_first"):
+        config.model.up_conv_formulation = formulation
+        outputs[formulation] = forward(config, variables, mag_mix, queries)
+    for key, value in outputs["taps_first"].items():
+        np.testing.assert_allclose(value, outputs["upsample_first"][key], atol=1e-5, rtol=1e-4)
+    config.model.up_conv_formulation = "transposed"
+    with pytest.raises(ValueError, match="up_conv_formulation='transposed'"):
+        config_lib.validate(config)

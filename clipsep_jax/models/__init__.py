@@ -34,6 +34,7 @@ def build_model(config: ml_collections.ConfigDict):
         dtype=_DTYPES[m.compute_dtype],
         batch_norm_momentum=m.batch_norm_momentum,
         batch_norm_epsilon=m.batch_norm_epsilon,
+        up_conv_formulation=m.up_conv_formulation,
     )
     if m.kind == "clipsep":
         return CLIPSep(**common)

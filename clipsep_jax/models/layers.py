@@ -1,4 +1,5 @@
-"""Building blocks with the reference's (PyTorch's) numerics: BatchNorm, upsampling, inits."""
+"""Building blocks with the reference's (PyTorch's) numerics: BatchNorm, upsampling followed by
+convolution, inits."""
 
 from __future__ import annotations
 
@@ -141,3 +142,120 @@ def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
 def upsample_bilinear_2x(x: jax.Array) -> jax.Array:
     """Bilinear x2 upsampling of NHWC ``x`` with align_corners=True -> [B, 2H, 2W, C]."""
     return _upsample_axis(_upsample_axis(x, 1), 2)
+
+
+@functools.lru_cache(maxsize=32)
+def _tap_phase_coefficients(in_size: int) -> np.ndarray:
+    """Coefficients [2 (output parity), 3 (kernel tap), 3 (source offset -1, 0, +1), in_size].
+
+    Output ``2k + parity`` of a 3-tap convolution (padding 1) applied after x2 align-corners
+    upsampling is ``sum_{tap, offset} coef[parity, tap, offset, k] * z_tap[k + offset]``, where
+    ``z_tap`` is the source already multiplied by the kernel's tap (zero beyond the ends).
+    """
+    taps = _parity_tap_weights(in_size)  # [parity, slot, k]: upsampled 2k + parity
+    coef = np.zeros((2, 3, 3, in_size), np.float32)
+    for k in range(in_size):
+        for parity in range(2):
+            for tap in range(3):
+                upsampled = 2 * k + parity + tap - 1
+                if not 0 <= upsampled < 2 * in_size:
+                    continue  # the convolution's zero padding
+                source, source_parity = divmod(upsampled, 2)
+                first_row = source - 1 + source_parity
+                for slot in range(2):
+                    row = first_row + slot
+                    if 0 <= row < in_size:
+                        coef[parity, tap, row - k + 1, k] += taps[source_parity, slot, source]
+    return coef
+
+
+def _upsample_taps_axis(taps: list[jax.Array], axis: int) -> tuple[jax.Array, jax.Array]:
+    """Even and odd outputs of sum_tap shift_tap(upsample(taps[tap])) along ``axis``, float32.
+
+    taps: the three kernel taps' products with the source (each [..., n, ...] along ``axis``).
+    Returns two arrays of the taps' shape: the outputs at 2k and at 2k + 1.
+    """
+    size = taps[0].shape[axis]
+    shape = [1] * taps[0].ndim
+    shape[axis] = size
+    coef = jnp.asarray(_tap_phase_coefficients(size)).reshape(2, 3, 3, *shape)
+    padding = [(0, 0)] * taps[0].ndim
+    padding[axis] = (1, 1)
+    shifted = []
+    for z in taps:
+        padded = jnp.pad(z.astype(jnp.float32), padding)
+        shifted.append([jax.lax.slice_in_dim(padded, offset, offset + size, axis=axis)
+                        for offset in range(3)])
+    phases = []
+    for parity in range(2):
+        total = None
+        for tap in range(3):
+            for offset in range(3):
+                if not np.any(_tap_phase_coefficients(size)[parity, tap, offset]):
+                    continue
+                term = coef[parity, tap, offset] * shifted[tap][offset]
+                total = term if total is None else total + term
+        phases.append(total)
+    return phases[0], phases[1]
+
+
+def upsample_conv3x3(x: jax.Array, kernel: jax.Array, formulation: str = "taps_first",
+                     dtype: Dtype = jnp.float32) -> jax.Array:
+    """Conv 3x3 (padding 1, no bias) of the bilinear x2 (align-corners) upsampling of ``x``.
+
+    x: [B, H, W, C_in]; kernel: [3, 3, C_in, C_out] (HWIO) -> [B, 2H, 2W, C_out] in ``dtype``.
+
+    formulation:
+      "upsample_first": upsample, then convolve at full resolution (the reference's order).
+      "taps_first": multiply by the kernel's nine taps at the input's resolution, then upsample
+        and sum the shifted taps. Channel mixing commutes with the per-channel spatial maps, so
+        this is the same function with a quarter of the multiply-adds; the rest is elementwise.
+    """
+    x = x.astype(dtype)
+    kernel = kernel.astype(dtype)
+    if formulation == "upsample_first":
+        return jax.lax.conv_general_dilated(
+            upsample_bilinear_2x(x), kernel, (1, 1), ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    if formulation != "taps_first":
+        raise ValueError(f"formulation={formulation!r}: expected taps_first or upsample_first")
+    batch, height, width, channels = x.shape
+    features = kernel.shape[-1]
+    mixing = kernel.transpose(2, 0, 1, 3).reshape(channels, 9 * features)
+    taps = jnp.dot(x, mixing).reshape(batch, height, width, 3, 3, features)
+    rows = _upsample_taps_axis([taps[:, :, :, i] for i in range(3)], axis=1)
+    quarters = [_upsample_taps_axis([half[:, :, :, j] for j in range(3)], axis=2)
+                for half in rows]
+    # quarters[row parity][column parity]: [B, H, W, C_out] -> interleave into [B, 2H, 2W, C_out].
+    grid = jnp.stack([jnp.stack(pair, axis=3) for pair in quarters], axis=2)
+    return grid.reshape(batch, 2 * height, 2 * width, features).astype(dtype)
+
+
+class UpsampleConv3x3(nn.Module):
+    """Bilinear x2 upsampling (align_corners=True) then Conv 3x3 padding 1, as one layer.
+
+    Its parameters are ``nn.Conv``'s (``kernel`` [3, 3, C_in, C_out], ``bias`` [C_out]), so
+    checkpoints do not depend on ``formulation`` (see ``upsample_conv3x3``).
+
+    Attributes:
+      features: C_out.
+      bias_fan_in: 0 for no bias; otherwise the fan-in of PyTorch's default bias init.
+      formulation: "taps_first" or "upsample_first".
+      dtype: computation and output dtype; parameters stay float32.
+    """
+
+    features: int
+    bias_fan_in: int = 0
+    formulation: str = "taps_first"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C_in] -> [B, 2H, 2W, features]."""
+        kernel = self.param("kernel", conv_kernel_init, (3, 3, x.shape[-1], self.features))
+        y = upsample_conv3x3(x, kernel, self.formulation, self.dtype)
+        if self.bias_fan_in:
+            bias = self.param("bias", torch_default_bias_init(self.bias_fan_in), (self.features,))
+            y = y + bias.astype(self.dtype)
+        return y

@@ -72,6 +72,7 @@ class _Separator(nn.Module):
     dtype: Any = jnp.float32
     batch_norm_momentum: float = 0.1
     batch_norm_epsilon: float = 1e-5
+    up_conv_formulation: str = "taps_first"
 
     def audio_features(self, log_mag_mix: jax.Array, train: bool) -> jax.Array:
         """[B, F, T] -> U-Net features [B, F, T, k]."""
@@ -82,6 +83,7 @@ class _Separator(nn.Module):
             dtype=self.dtype,
             batch_norm_momentum=self.batch_norm_momentum,
             batch_norm_epsilon=self.batch_norm_epsilon,
+            up_conv_formulation=self.up_conv_formulation,
             name="unet",
         )
         return unet(log_mag_mix[..., None].astype(self.dtype), train)

@@ -6,7 +6,8 @@ w, 2w, 4w, 8w, 8w, ... (8w from level 3 inwards). Per level:
 - down: LeakyReLU(0.2) (not at level 0), Conv 4x4 stride 2 padding 1 without bias, BatchNorm (not
   at level 0 and not at the innermost level);
 - up: ReLU, bilinear x2 upsampling (align_corners=True), Conv 3x3 padding 1 (with bias only at
-  level 0), BatchNorm (not at level 0);
+  level 0), BatchNorm (not at level 0); ``up_conv_formulation`` picks how the upsampling and
+  convolution are computed (the same function; see ``layers.upsample_conv3x3``);
 - every level but the outermost returns concat(its input, its up-path output) on channels.
 
 The input is a single-channel log-magnitude spectrogram [B, F, T, 1] normalised by a BatchNorm;
@@ -24,9 +25,8 @@ import jax.numpy as jnp
 
 from clipsep_jax.models.layers import (
     BatchNorm,
+    UpsampleConv3x3,
     conv_kernel_init,
-    torch_default_bias_init,
-    upsample_bilinear_2x,
 )
 
 
@@ -36,7 +36,8 @@ def level_widths(num_downs: int, base_width: int) -> list[int]:
 
 
 class UNet(nn.Module):
-    """Attributes: num_downs (levels), base_width, out_channels (k), dtype, BatchNorm settings."""
+    """Attributes: num_downs (levels), base_width, out_channels (k), dtype, BatchNorm settings,
+    up_conv_formulation ("taps_first" or "upsample_first")."""
 
     num_downs: int = 7
     base_width: int = 64
@@ -44,6 +45,7 @@ class UNet(nn.Module):
     dtype: Any = jnp.float32
     batch_norm_momentum: float = 0.1
     batch_norm_epsilon: float = 1e-5
+    up_conv_formulation: str = "taps_first"
 
     def _norm(self, name: str) -> BatchNorm:
         return BatchNorm(
@@ -53,15 +55,14 @@ class UNet(nn.Module):
             name=name,
         )
 
-    def _conv(self, features: int, kernel: int, stride: int, name: str, bias_fan_in: int = 0):
+    def _down_conv(self, features: int, name: str):
         return nn.Conv(
             features,
-            (kernel, kernel),
-            strides=(stride, stride),
+            (4, 4),
+            strides=(2, 2),
             padding=((1, 1), (1, 1)),
-            use_bias=bias_fan_in > 0,
+            use_bias=False,
             kernel_init=conv_kernel_init,
-            bias_init=torch_default_bias_init(max(bias_fan_in, 1)),
             dtype=self.dtype,
             name=name,
         )
@@ -84,17 +85,22 @@ class UNet(nn.Module):
             level_inputs.append(x)
             if level > 0:
                 x = nn.leaky_relu(x, 0.2)
-            x = self._conv(widths[level], 4, 2, f"down_conv_{level}")(x)
+            x = self._down_conv(widths[level], f"down_conv_{level}")(x)
             if 0 < level < depth - 1:
                 x = self._norm(f"down_norm_{level}")(x, train)
 
         for level in reversed(range(depth)):
             if level < depth - 1:
                 x = jnp.concatenate([level_inputs[level + 1], x], axis=-1)
-            x = upsample_bilinear_2x(nn.relu(x))
-            if level == 0:
-                x = self._conv(self.out_channels, 3, 1, "up_conv_0", bias_fan_in=x.shape[-1] * 9)(x)
-            else:
-                x = self._conv(widths[level - 1], 3, 1, f"up_conv_{level}")(x)
+            x = nn.relu(x)
+            features = self.out_channels if level == 0 else widths[level - 1]
+            x = UpsampleConv3x3(
+                features,
+                bias_fan_in=x.shape[-1] * 9 if level == 0 else 0,
+                formulation=self.up_conv_formulation,
+                dtype=self.dtype,
+                name=f"up_conv_{level}",
+            )(x)
+            if level > 0:
                 x = self._norm(f"up_norm_{level}")(x, train)
         return x
