@@ -80,8 +80,8 @@ def measure(kind: str, batch_size: int, repeats: int, compute_dtype: str,
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    return {"kind": kind, "up_conv_formulation": up_conv_formulation, "compile_s": compile_s, "step_s": step_s,
-            "examples_per_s": batch_size / step_s, "loss": float(metrics["loss"]),
+    return {"kind": kind, "up_conv_formulation": up_conv_formulation, "compile_s": compile_s,
+            "step_s": step_s, "examples_per_s": batch_size / step_s, "loss": float(metrics["loss"]),
             "flops_per_step": float((cost or {}).get("flops", float("nan")))}
 
 

@@ -179,3 +179,25 @@ def test_up_conv_formulations_give_the_same_model():
     config.model.up_conv_formulation = "transposed"
     with pytest.raises(ValueError, match="up_conv_formulation='transposed'"):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize("height,width", [(2, 2), (4, 6), (8, 8), (16, 4)])
+def test_down_conv_matches_torch(height, width):
+    import torch
+
+    from clipsep_jax.models.layers import down_conv4x4
+
+    rng = np.random.default_rng(height * 10 + width)
+    x = rng.normal(size=(2, height, width, 5)).astype(np.float32)
+    kernel = rng.normal(size=(4, 4, 5, 3)).astype(np.float32)
+    x_torch = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    kernel_torch = torch.from_numpy(kernel).permute(3, 2, 0, 1).requires_grad_()
+    expected = torch.nn.functional.conv2d(x_torch, kernel_torch, stride=2, padding=1)
+    cotangent = rng.normal(size=expected.shape).astype(np.float32)
+    expected.backward(torch.from_numpy(cotangent))
+    got, pullback = jax.vjp(jax.jit(down_conv4x4), x, kernel)
+    np.testing.assert_allclose(got, expected.detach().permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    grad_x, grad_kernel = pullback(cotangent.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(grad_x, x_torch.grad.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(grad_kernel, kernel_torch.grad.permute(2, 3, 1, 0).numpy(),
+                               atol=1e-4)

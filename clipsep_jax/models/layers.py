@@ -146,11 +146,12 @@ def upsample_bilinear_2x(x: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _tap_phase_coefficients(in_size: int) -> np.ndarray:
-    """Coefficients [2 (output parity), 3 (kernel tap), 3 (source offset -1, 0, +1), in_size].
+    """Coefficients [2 (output parity), 3 (kernel tap), 3 (source offset), in_size].
 
     Output ``2k + parity`` of a 3-tap convolution (padding 1) applied after x2 align-corners
-    upsampling is ``sum_{tap, offset} coef[parity, tap, offset, k] * z_tap[k + offset]``, where
-    ``z_tap`` is the source already multiplied by the kernel's tap (zero beyond the ends).
+    upsampling of a length-``in_size`` source is
+    ``sum_{tap, offset} coef[parity, tap, offset, k] * z_tap[k + offset - 1]``, where ``z_tap`` is
+    the source multiplied by the kernel's tap (zero beyond the ends).
     """
     taps = _parity_tap_weights(in_size)  # [parity, slot, k]: upsampled 2k + parity
     coef = np.zeros((2, 3, 3, in_size), np.float32)
@@ -169,34 +170,81 @@ def _tap_phase_coefficients(in_size: int) -> np.ndarray:
     return coef
 
 
-def _upsample_taps_axis(taps: list[jax.Array], axis: int) -> tuple[jax.Array, jax.Array]:
-    """Even and odd outputs of sum_tap shift_tap(upsample(taps[tap])) along ``axis``, float32.
+def _adjoint_coefficients(coef: np.ndarray) -> np.ndarray:
+    """``_stencil``'s adjoint: coef [O, I, 3, L] -> [I, O, 3, L + 2], applied to the outputs'
+    cotangents padded by 2 on both sides."""
+    outputs, inputs, offsets, length = coef.shape
+    adjoint = np.zeros((inputs, outputs, offsets, length + offsets - 1), np.float32)
+    for offset in range(offsets):
+        # Input position m is read by output m - offset, at m + (2 - offset) in the padded array.
+        adjoint[:, :, offsets - 1 - offset, offset : offset + length] = (
+            coef[:, :, offset].transpose(1, 0, 2))
+    return adjoint
 
-    taps: the three kernel taps' products with the source (each [..., n, ...] along ``axis``).
-    Returns two arrays of the taps' shape: the outputs at 2k and at 2k + 1.
+
+def _stencil(inputs: list[jax.Array], coef: np.ndarray, axis: int) -> list[jax.Array]:
+    """``out[o][k] = sum_{i, offset} coef[o, i, offset, k] * inputs[i][k + offset]`` along ``axis``.
+
+    inputs: I arrays of length L + 2 along ``axis``; coef: [O, I, 3, L] -> O arrays of length L.
     """
-    size = taps[0].shape[axis]
-    shape = [1] * taps[0].ndim
-    shape[axis] = size
-    coef = jnp.asarray(_tap_phase_coefficients(size)).reshape(2, 3, 3, *shape)
-    padding = [(0, 0)] * taps[0].ndim
-    padding[axis] = (1, 1)
-    shifted = []
-    for z in taps:
-        padded = jnp.pad(z.astype(jnp.float32), padding)
-        shifted.append([jax.lax.slice_in_dim(padded, offset, offset + size, axis=axis)
-                        for offset in range(3)])
-    phases = []
-    for parity in range(2):
+    length = coef.shape[-1]
+    shape = [1] * inputs[0].ndim
+    shape[axis] = length
+    outputs = []
+    for o in range(coef.shape[0]):
         total = None
-        for tap in range(3):
-            for offset in range(3):
-                if not np.any(_tap_phase_coefficients(size)[parity, tap, offset]):
+        for i, source in enumerate(inputs):
+            for offset in range(coef.shape[2]):
+                if not np.any(coef[o, i, offset]):
                     continue
-                term = coef[parity, tap, offset] * shifted[tap][offset]
+                window = jax.lax.slice_in_dim(source, offset, offset + length, axis=axis)
+                term = jnp.asarray(coef[o, i, offset]).reshape(shape) * window
                 total = term if total is None else total + term
-        phases.append(total)
-    return phases[0], phases[1]
+        outputs.append(total)
+    return outputs
+
+
+@jax.custom_vjp
+def _upsample_taps(taps: jax.Array) -> jax.Array:
+    """Sums the nine kernel taps' products, each upsampled and shifted into place.
+
+    taps: [B, H + 2, W + 2, 3 (kernel row), 3 (kernel column), C] float32, the zero-padded source
+    times each tap of a 3x3 kernel -> [B, 2H, 2W, C]: the 3x3 convolution (padding 1) of the x2
+    align-corners bilinear upsampling. Two passes, each written as one array (rows upsampled and
+    interleaved, then columns), which XLA runs as one loop each; the backward pass is the adjoint
+    written the same way (autodiff of the slices would pad and add every term separately).
+    """
+    batch, rows, cols, _, _, channels = taps.shape
+    height, width = rows - 2, cols - 2
+    row_phases = _stencil([taps[:, :, :, i] for i in range(3)],
+                          _tap_phase_coefficients(height), axis=1)
+    upsampled_rows = jnp.stack(row_phases, axis=2).reshape(batch, 2 * height, cols, 3, channels)
+    col_phases = _stencil([upsampled_rows[:, :, :, j] for j in range(3)],
+                          _tap_phase_coefficients(width), axis=2)
+    return jnp.stack(col_phases, axis=3).reshape(batch, 2 * height, 2 * width, channels)
+
+
+def _upsample_taps_forward(taps: jax.Array):
+    return _upsample_taps(taps), taps.shape
+
+
+def _upsample_taps_backward(shape: tuple[int, ...], cotangent: jax.Array):
+    batch, rows, cols, _, _, channels = shape
+    height, width = rows - 2, cols - 2
+    by_column_parity = cotangent.astype(jnp.float32).reshape(batch, 2 * height, width, 2, channels)
+    padded = jnp.pad(by_column_parity, ((0, 0), (0, 0), (2, 2), (0, 0), (0, 0)))
+    upsampled_rows = jnp.stack(
+        _stencil([padded[:, :, :, p] for p in range(2)],
+                 _adjoint_coefficients(_tap_phase_coefficients(width)), axis=2),
+        axis=3)  # [B, 2H, W + 2, 3, C]
+    by_row_parity = upsampled_rows.reshape(batch, height, 2, cols, 3, channels)
+    padded = jnp.pad(by_row_parity, ((0, 0), (2, 2), (0, 0), (0, 0), (0, 0), (0, 0)))
+    taps = _stencil([padded[:, :, p] for p in range(2)],
+                    _adjoint_coefficients(_tap_phase_coefficients(height)), axis=1)
+    return (jnp.stack(taps, axis=3),)
+
+
+_upsample_taps.defvjp(_upsample_taps_forward, _upsample_taps_backward)
 
 
 def upsample_conv3x3(x: jax.Array, kernel: jax.Array, formulation: str = "taps_first",
@@ -223,13 +271,45 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, formulation: str = "taps_f
     batch, height, width, channels = x.shape
     features = kernel.shape[-1]
     mixing = kernel.transpose(2, 0, 1, 3).reshape(channels, 9 * features)
-    taps = jnp.dot(x, mixing).reshape(batch, height, width, 3, 3, features)
-    rows = _upsample_taps_axis([taps[:, :, :, i] for i in range(3)], axis=1)
-    quarters = [_upsample_taps_axis([half[:, :, :, j] for j in range(3)], axis=2)
-                for half in rows]
-    # quarters[row parity][column parity]: [B, H, W, C_out] -> interleave into [B, 2H, 2W, C_out].
-    grid = jnp.stack([jnp.stack(pair, axis=3) for pair in quarters], axis=2)
-    return grid.reshape(batch, 2 * height, 2 * width, features).astype(dtype)
+    # Padding before the product gives every shifted read a zero border to slice from.
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = jnp.dot(padded, mixing, preferred_element_type=jnp.float32)
+    taps = taps.reshape(batch, height + 2, width + 2, 3, 3, features)
+    return _upsample_taps(taps).astype(dtype)
+
+
+def down_conv4x4(x: jax.Array, kernel: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
+    """Conv 4x4, stride 2, padding 1, no bias: [B, H, W, C_in] -> [B, H/2, W/2, C_out].
+
+    kernel: [4, 4, C_in, C_out] (HWIO). Inputs of at most 8 rows (the innermost levels) run as
+    one matrix product over gathered 4x4 patches: their gradients as convolutions run on
+    XLA:CPU at a few GFLOP/s (the 4x4-input level's input gradient took 134 ms against 9 ms).
+    """
+    x = x.astype(dtype)
+    kernel = kernel.astype(dtype)
+    if x.shape[1] > 8:
+        return jax.lax.conv_general_dilated(
+            x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    batch, height, width, channels = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows, cols = height // 2, width // 2
+    patches = jnp.concatenate(
+        [padded[:, i : i + 2 * rows : 2, j : j + 2 * cols : 2] for i in range(4) for j in range(4)],
+        axis=-1)  # [B, H/2, W/2, 16 C_in], tap-major like the kernel's reshape
+    return jnp.dot(patches, kernel.reshape(16 * channels, kernel.shape[-1]))
+
+
+class DownConv4x4(nn.Module):
+    """Conv 4x4 stride 2 padding 1 without bias; ``nn.Conv``'s parameter (``kernel``)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C_in] -> [B, H/2, W/2, features]."""
+        kernel = self.param("kernel", conv_kernel_init, (4, 4, x.shape[-1], self.features))
+        return down_conv4x4(x, kernel, self.dtype)
 
 
 class UpsampleConv3x3(nn.Module):

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from clipsep_jax.models.layers import (
     BatchNorm,
+    DownConv4x4,
     UpsampleConv3x3,
-    conv_kernel_init,
 )
 
 
@@ -55,18 +55,6 @@ class UNet(nn.Module):
             name=name,
         )
 
-    def _down_conv(self, features: int, name: str):
-        return nn.Conv(
-            features,
-            (4, 4),
-            strides=(2, 2),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            kernel_init=conv_kernel_init,
-            dtype=self.dtype,
-            name=name,
-        )
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """x: [B, F, T, C_in] -> [B, F, T, out_channels] (dtype ``self.dtype``)."""
@@ -85,7 +73,7 @@ class UNet(nn.Module):
             level_inputs.append(x)
             if level > 0:
                 x = nn.leaky_relu(x, 0.2)
-            x = self._down_conv(widths[level], f"down_conv_{level}")(x)
+            x = DownConv4x4(widths[level], self.dtype, name=f"down_conv_{level}")(x)
             if 0 < level < depth - 1:
                 x = self._norm(f"down_norm_{level}")(x, train)
 
