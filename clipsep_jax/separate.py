@@ -118,7 +118,7 @@ class Separator:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, variables: dict, clip: Any = None,
-                 window_frames: int = 2048, overlap_frames: int = 256, batch_size: int = 2):
+                 window_frames: int = 4096, overlap_frames: int = 256, batch_size: int = 2):
         if config.model.kind not in QUERY_KINDS:
             raise SeparationError(
                 f"model kind {config.model.kind!r} cannot take text or image queries; "
@@ -326,8 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clip", help="CLIP hub id or folder (default: the config's)")
     parser.add_argument("--channels", default="each", choices=("each", "downmix"),
                         help="separate each channel, or their mean (written to every channel)")
-    parser.add_argument("--window_frames", type=int, default=2048,
-                        help="STFT frames per model window (2048: about 33 s)")
+    parser.add_argument("--window_frames", type=int, default=4096,
+                        help="STFT frames per model window (4096: about 65 s)")
     parser.add_argument("--overlap_frames", type=int, default=256,
                         help="frames shared and cross-faded by neighbouring windows")
     args = parser.parse_args(argv)
