@@ -18,6 +18,8 @@ computed pairwise within this run. Prints a markdown table; ``--json`` also writ
   (``model.up_conv_formulation="taps_first"``), so its MFU can exceed 100%; the hardware FLOP
   utilisation (HFU) = the FLOPs the compiled step executes (XLA's cost analysis of it) / step
   time / peak says how busy the machine is.
+  The Flax step is also timed in the reference's formulation, which shows what the formulation
+  alone is worth.
 - nit: the same for CLIPSep-NIT, and its cost relative to the plain step.
 - end_to_end: training throughput of this project's way (data_prep's precomputed embeddings
   and spectrograms, the grain pipeline, the jit step) against the reference's way (per example
@@ -108,10 +110,11 @@ def matmul_peak(repeats: int) -> dict:
     return out
 
 
-def _flax_step(kind: str, compute_dtype: str, repeats: int) -> dict:
+def _flax_step(kind: str, compute_dtype: str, repeats: int,
+               up_conv_formulation: str = "taps_first") -> dict:
     from benchmarks.train_step import measure, model_flops_per_step
 
-    result = measure(kind, BATCH, repeats, compute_dtype)
+    result = measure(kind, BATCH, repeats, compute_dtype, up_conv_formulation)
     out = {key: result[key] for key in ("compile_s", "step_s", "examples_per_s")}
     out["executed_flops_per_step"] = result["flops_per_step"]
     out["model_flops_per_step"] = model_flops_per_step(kind, BATCH, compute_dtype)
@@ -162,6 +165,9 @@ def train_step_worker(repeats: int, kind: str = "clipsep") -> dict:
             out[f"flax{suffix}_{key}"] = value
     for key, value in _torch_step(kind, repeats).items():
         out[f"torch_{key}"] = value
+    if kind == "clipsep":  # the same formulation as PyTorch's: what the formulation alone gives
+        for key, value in _flax_step(kind, "float32", repeats, "upsample_first").items():
+            out[f"flax_upsample_first_{key}"] = value
     return out
 
 
@@ -351,6 +357,12 @@ def _table(r: dict) -> str:
         lines.append(f"| {kind} train step, batch {BATCH} | {flax:.2f} ex/s, MFU {flax_mfu:.1%}, "
                      f"HFU {flax_hfu:.1%} | {torch:.2f} ex/s, MFU = HFU {torch_mfu:.1%} | "
                      f"{flax / torch:.2f}x | {r[f'{name}_peak_host_memory_gib']:.2f} GiB |")
+        if f"{name}_flax_upsample_first_examples_per_s" in r:
+            same = r[f"{name}_flax_upsample_first_examples_per_s"]
+            same_mfu = flops / r[f"{name}_flax_upsample_first_step_s"] / peak
+            lines.append(f"| {kind} train step, reference formulation (upsample first) | "
+                         f"{same:.2f} ex/s, MFU {same_mfu:.1%} | {torch:.2f} ex/s | "
+                         f"{same / torch:.2f}x | |")
         if f"{name}_flax_bfloat16_examples_per_s" in r:
             lines.append(f"| {kind} train step, bfloat16 | "
                          f"{r[f'{name}_flax_bfloat16_examples_per_s']:.2f} ex/s | | | |")
