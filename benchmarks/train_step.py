@@ -38,13 +38,18 @@ def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict:
     return batch
 
 
-def model_flops_per_step(kind: str, batch_size: int, compute_dtype: str = "float32") -> float:
-    """FLOPs of one train step of the model as the reference defines it (upsampling, then each
-    3x3 convolution at full resolution), from XLA's cost analysis of that formulation."""
+def _config(kind: str, compute_dtype: str, up_conv_formulation: str):
     config = default_config()
     config.model.kind = kind
     config.model.compute_dtype = compute_dtype
-    config.model.up_conv_formulation = "upsample_first"
+    config.model.up_conv_formulation = up_conv_formulation
+    return config
+
+
+def model_flops_per_step(kind: str, batch_size: int, compute_dtype: str = "float32") -> float:
+    """FLOPs of one train step of the model as the reference defines it (upsampling, then each
+    3x3 convolution at full resolution), from XLA's cost analysis of that formulation."""
+    config = _config(kind, compute_dtype, "upsample_first")
     optimizer = make_optimizer(config)
     state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0), optimizer))
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
@@ -58,10 +63,7 @@ def model_flops_per_step(kind: str, batch_size: int, compute_dtype: str = "float
 def measure(kind: str, batch_size: int, repeats: int, compute_dtype: str,
             up_conv_formulation: str = "taps_first") -> dict:
     """Compile time, median step time, and the step's FLOPs as compiled (``flops_per_step``)."""
-    config = default_config()
-    config.model.kind = kind
-    config.model.compute_dtype = compute_dtype
-    config.model.up_conv_formulation = up_conv_formulation
+    config = _config(kind, compute_dtype, up_conv_formulation)
     optimizer = make_optimizer(config)
     state = create_train_state(config, jax.random.key(0), optimizer)
     batch = jax.device_put(synthetic_batch(config, batch_size))
@@ -92,7 +94,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--up_conv_formulations", default="taps_first",
-                        help="comma-separated; each kind is measured with each, alternating")
+                        help="comma-separated, measured in this order for each kind (list one "
+                        "twice, e.g. taps_first,upsample_first,taps_first, to alternate)")
     args = parser.parse_args()
     device = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
