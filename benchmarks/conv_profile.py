@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipsep_jax.models.layers import down_conv4x4, upsample_conv3x3
+from clipsep_jax.families.clipsep.layers import down_conv4x4, upsample_conv3x3
 
 
 def _median_seconds(fn, *args, repeats: int) -> float:

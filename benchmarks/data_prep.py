@@ -23,8 +23,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from clipsep_jax.clip import CLIP
-from clipsep_jax.models.clip import VIT_B32
+from clipsep_jax.encoders.clip import CLIP
+from clipsep_jax.encoders.clip_towers import VIT_B32
 from data_prep import build, media
 
 

@@ -20,9 +20,10 @@ from absl import flags
 
 from benchmarks.data_prep import make_tree
 from clipsep_jax import input_pipeline
-from clipsep_jax.clip import CLIP
 from clipsep_jax.config import default_config
-from clipsep_jax.models.clip import CLIPConfig, TowerConfig
+from clipsep_jax.encoders.clip import CLIP
+from clipsep_jax.encoders.clip_towers import CLIPConfig, TowerConfig
+from clipsep_jax.families import get_family
 from data_prep import build
 
 TINY = CLIPConfig(
@@ -51,7 +52,8 @@ def main() -> None:
         config = default_config()
         config.data.data_dir = out
         config.train.batch_size = 8
-        source, metadata = input_pipeline.open_split(config, "train")
+        source, metadata = input_pipeline.open_split(config.data, "train")
+        transform = get_family(config).training_transform(config, source, metadata)
         start = time.perf_counter()
         for i in range(len(source)):
             source[i]
@@ -59,7 +61,8 @@ def main() -> None:
         rows.append(("read + decode one 10 s record", f"{read_s * 1000:.1f} ms"))
         for workers in (0, 2):
             config.data.num_workers = workers
-            iterator = iter(input_pipeline.training_dataset(config, source, metadata))
+            iterator = iter(input_pipeline.training_dataset(
+                transform, len(source), batch_size=8, seed=0, num_workers=workers))
             next(iterator)
             start = time.perf_counter()
             for _ in range(args.batches):

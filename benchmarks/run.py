@@ -194,6 +194,7 @@ def end_to_end_worker(repeats: int, root: str) -> dict:
 
     from clipsep_jax import input_pipeline, sharding, train
     from clipsep_jax.config import default_config
+    from clipsep_jax.families import get_family
 
     data_dir, tree = _bench_dataset(Path(root))
     steps = max(3, repeats + 1)
@@ -204,17 +205,17 @@ def end_to_end_worker(repeats: int, root: str) -> dict:
     config.data.num_workers = 0
     config.train.batch_size = BATCH
     mesh = sharding.make_mesh(config)
-    source, metadata = input_pipeline.open_split(config, "train")
-    iterator = iter(input_pipeline.training_dataset(config, source, metadata))
+    source, metadata = input_pipeline.open_split(config.data, "train")
+    batches = input_pipeline.training_batches(
+        config, get_family(config).training_transform(config, source, metadata), len(source),
+        mesh)
     optimizer = train.make_optimizer(config)
     state, shardings = train.sharded_train_state(config, jax.random.PRNGKey(0), optimizer, mesh)
     step = train.sharded_train_step(config, optimizer, mesh, shardings)
 
     def ours():
         nonlocal state
-        batch = sharding.global_batch(
-            input_pipeline.model_batch(config, next(iterator)), mesh)
-        state, metrics = step(state, batch)
+        state, metrics = step(state, next(batches))
         jax.block_until_ready(metrics)
 
     ours()  # compiles
@@ -298,8 +299,8 @@ def separate_worker(repeats: int) -> dict:
     from benchmarks.separate import torch_rendition
     from clipsep_jax.clip import CLIP
     from clipsep_jax.config import default_config
+    from clipsep_jax.encoders.clip_towers import VIT_B32
     from clipsep_jax.models import init_variables
-    from clipsep_jax.models.clip import VIT_B32
     from clipsep_jax.separate import Separator
 
     config = default_config()

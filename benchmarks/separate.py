@@ -22,10 +22,10 @@ import time
 import jax
 import numpy as np
 
-from clipsep_jax.clip import CLIP
 from clipsep_jax.config import default_config
+from clipsep_jax.encoders.clip import CLIP
+from clipsep_jax.encoders.clip_towers import VIT_B32
 from clipsep_jax.models import init_variables
-from clipsep_jax.models.clip import VIT_B32
 from clipsep_jax.separate import Separator
 
 

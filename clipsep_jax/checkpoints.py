@@ -1,31 +1,93 @@
-"""Model checkpoints on disk: an orbax checkpoint of the variables beside the config as JSON.
+"""Everything on disk that holds a model, in one place: training workdirs and model directories.
 
-Layout of a model directory::
+A training workdir::
 
-    DIR/config.json   the ml_collections config (clipsep_jax.config schema)
-    DIR/variables/    orbax checkpoint of {'params', 'batch_stats'}
+    WORKDIR/config.json            the run's config (clipsep_jax.config schema)
+    WORKDIR/checkpoints/<step>/    orbax checkpoints with two items:
+        state/                     the train state (step, params, model_state, opt_state, rng,
+                                   ema_params); runs before the model-family redesign saved
+                                   batch_stats in place of model_state, and no rng / ema_params
+        data/                      the input pipeline's grain iterator state
+    the best checkpoint by the metric BEST_METRIC (validation loss) is kept beside the last
+    ``keep`` ones.
 
-The directory is written under a temporary name and renamed when complete, so a reader never sees
-half a checkpoint. :func:`load_for_inference` also reads a training workdir (its best or latest
-orbax checkpoint) and a reference PyTorch checkpoint file.
+A model directory (:func:`save_model`, ``python -m clipsep_jax.convert``)::
+
+    DIR/config.json   the config
+    DIR/variables/    orbax checkpoint of the variables {'params', <state collections>}
+
+Both are written under temporary names and renamed when complete, so a reader never sees half
+of one. :class:`TrainingCheckpoints` saves and restores for training; :func:`load_workdir` and
+:func:`load_model` restore variables for inference (``clipsep_jax.inference`` picks between them
+and reference checkpoints).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import grain
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from clipsep_jax.config import default_config
+from clipsep_jax import config as config_lib
+from clipsep_jax.families import get_family
+
+__all__ = [
+    "CONFIG_FILE",
+    "VARIABLES_DIR",
+    "CHECKPOINTS_DIR",
+    "BEST_METRIC",
+    "CheckpointError",
+    "write_config",
+    "load_config",
+    "save_model",
+    "load_model",
+    "TrainingCheckpoints",
+    "load_workdir",
+]
 
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
+CHECKPOINTS_DIR = "checkpoints"
+STATE_ITEM, DATA_ITEM = "state", "data"
+BEST_METRIC = "validation_loss"  # lower is better
+
+
+class CheckpointError(ValueError):
+    """A path that holds no usable checkpoint; the message names it and says why."""
+
+
+def write_config(directory: str | Path, config: ml_collections.ConfigDict) -> Path:
+    """Writes ``directory/config.json`` atomically (a temporary name, then a rename)."""
+    path = Path(directory) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", dir=path.parent)
+    with os.fdopen(handle, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(temporary, path)
+    return path
+
+
+def load_config(directory: str | Path) -> ml_collections.ConfigDict:
+    """The config saved in a model directory or workdir, merged over today's defaults (new fields
+    filled; older layouts migrated by :func:`clipsep_jax.config.migrate`)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {directory} a clipsep-jax model directory "
+                                "or training workdir?")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    return config_lib.from_dict(saved, str(path))
 
 
 def save_model(directory: str | Path, config: ml_collections.ConfigDict, variables: dict) -> Path:
@@ -36,7 +98,7 @@ def save_model(directory: str | Path, config: ml_collections.ConfigDict, variabl
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        (staging / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+        write_config(staging, config)
         host_variables = jax.tree_util.tree_map(np.asarray, variables)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / VARIABLES_DIR, host_variables)
@@ -45,30 +107,6 @@ def save_model(directory: str | Path, config: ml_collections.ConfigDict, variabl
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
-
-
-def load_config(directory: str | Path) -> ml_collections.ConfigDict:
-    """The config saved in a model directory, merged over today's defaults (new fields filled)."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {directory} a clipsep-jax model directory?")
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    config = default_config()
-    _merge(config, saved, str(path))
-    return config
-
-
-def _merge(config: ml_collections.ConfigDict, values: dict, source: str, prefix: str = "") -> None:
-    for key, value in values.items():
-        if key not in config:
-            raise ValueError(f"{source}: unknown config field {prefix}{key}")
-        if isinstance(config[key], ml_collections.ConfigDict):
-            _merge(config[key], value, source, f"{prefix}{key}.")
-        else:
-            config[key] = value
 
 
 def load_model(directory: str | Path) -> tuple[ml_collections.ConfigDict, dict]:
@@ -83,79 +121,141 @@ def load_model(directory: str | Path) -> tuple[ml_collections.ConfigDict, dict]:
     return config, variables
 
 
-class CheckpointError(ValueError):
-    """A path that holds no usable checkpoint; the message names it and says why."""
+def _saved_state_keys(manager: ocp.CheckpointManager, step: int) -> set[str]:
+    """Top-level fields of the train state saved at ``step``."""
+    metadata = manager.item_metadata(step)
+    state = metadata.get(STATE_ITEM)
+    tree = getattr(state, "tree", state)
+    if tree is None:  # an older orbax without item metadata: today's layout
+        return {"model_state"}
+    return set(tree.keys())
 
 
-def load_for_inference(
-    path: str | Path, model_kind: str | None = None, step: int | str = "latest"
-) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, variables) from a model directory, a training workdir or a reference .pt file.
+class TrainingCheckpoints:
+    """The checkpoints of a training workdir: saving every item, restoring for training.
 
-    Args:
-      path: a model directory (:func:`save_model`, ``clipsep_jax.convert``), a training workdir
-        (``config.json`` + ``checkpoints/``) or a reference PyTorch state-dict file.
-      model_kind: the kind of a reference file (clipsep, clipsep_nit, pit, labelsep).
-      step: for a workdir, ``"latest"``, ``"best"`` (lowest validation loss; the latest when no
-        checkpoint has one, as the reference's best_model.pt) or a step number.
-    """
-    p = Path(path)
-    if p.is_file():
-        if not model_kind:
-            raise CheckpointError(f"{path}: a PyTorch checkpoint needs --model_kind")
-        from clipsep_jax.convert import load_reference_checkpoint
+    Keeps the last ``keep`` checkpoints and the one with the lowest :data:`BEST_METRIC`; saves
+    asynchronously (:meth:`wait` before reading them)."""
 
-        return load_reference_checkpoint(str(p), model_kind)
-    if (p / VARIABLES_DIR).is_dir():
-        return load_model(p)
-    if (p / "checkpoints").is_dir() and (p / CONFIG_FILE).is_file():
-        config, variables, _ = load_workdir(p, step)
-        return config, variables
-    raise CheckpointError(
-        f"{path}: not a model directory (config.json + variables/), a training workdir "
-        "(config.json + checkpoints/) or a checkpoint file")
+    def __init__(self, workdir: str | Path, keep: int):
+        policies = ocp.checkpoint_managers
+        preservation = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+                           keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=preservation,
+                                               enable_async_checkpointing=True, create=True)
+        self.directory = Path(workdir).absolute() / CHECKPOINTS_DIR
+        self.manager = ocp.CheckpointManager(str(self.directory), options=options,
+                                             item_names=(STATE_ITEM, DATA_ITEM))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any,
+             metrics: dict[str, float] | None = None) -> None:
+        """Saves ``state`` and the grain iterator's position; ``metrics`` may hold
+        :data:`BEST_METRIC` (finite values only are kept)."""
+        if metrics is not None and not np.isfinite(metrics.get(BEST_METRIC, np.nan)):
+            metrics = None
+        self.manager.save(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(state),
+            DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator)}),
+            metrics=metrics, force=True)
+
+    def restore(self, step: int, fresh_state: Any, data_iterator: Any) -> Any:
+        """The train state of ``step``, in the shapes and shardings of ``fresh_state`` (a newly
+        created train state); ``data_iterator`` is set to the saved position.
+
+        A checkpoint of the layout before the model-family redesign (``batch_stats`` beside
+        ``params``, no rng key or EMA) is read into today's state: ``model_state =
+        {"batch_stats": ...}``, the rng key and EMA parameters kept from ``fresh_state``."""
+        keys = _saved_state_keys(self.manager, step)
+        data = grain.checkpoint.CheckpointRestore(data_iterator)
+        if "model_state" in keys:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardRestore(_abstract(fresh_state)),
+                DATA_ITEM: data}))
+            return restored[STATE_ITEM]
+        legacy = {"step": fresh_state.step, "params": fresh_state.params,
+                  "batch_stats": fresh_state.model_state["batch_stats"],
+                  "opt_state": fresh_state.opt_state}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(_abstract(legacy)), DATA_ITEM: data}))
+        old = restored[STATE_ITEM]
+        return fresh_state.replace(step=old["step"], params=old["params"],
+                                   model_state={"batch_stats": old["batch_stats"]},
+                                   opt_state=old["opt_state"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.Array | jax.ShapeDtypeStruct) else x, tree)
+
+
+def _choose_step(manager: ocp.CheckpointManager, workdir: Path, step: int | str) -> int:
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise CheckpointError(f"{workdir}: no finished checkpoint in {CHECKPOINTS_DIR}/")
+    if step == "latest":
+        return steps[-1]
+    if step == "best":
+        values = {}
+        for s in steps:
+            metrics = manager.metrics(s) or {}
+            if BEST_METRIC in metrics:
+                values[s] = float(metrics[BEST_METRIC])
+        return min(values, key=lambda s: (values[s], -s)) if values else steps[-1]
+    chosen = int(step)
+    if chosen not in steps:
+        raise CheckpointError(f"{workdir}: no checkpoint at step {chosen} (there are {steps})")
+    return chosen
 
 
 def load_workdir(
     workdir: str | Path, step: int | str = "latest"
 ) -> tuple[ml_collections.ConfigDict, dict, int]:
-    """(config, {'params', 'batch_stats'}, step) of a training workdir's checkpoint ``step``
-    (``"latest"``, ``"best"`` or a number; see :func:`load_for_inference`)."""
-    from clipsep_jax.models import init_variables
-
+    """(config, variables, step) of a training workdir's checkpoint ``step``: ``"latest"``,
+    ``"best"`` (lowest validation loss; the latest when no checkpoint has one, as the reference's
+    best_model.pt) or a step number. The variables are the EMA parameters when the run kept
+    them, with the model state beside them, on this process's first device."""
     workdir = Path(workdir).absolute()
     config = load_config(workdir)
     manager = ocp.CheckpointManager(
-        str(workdir / "checkpoints"), item_names=("state", "data"),
+        str(workdir / CHECKPOINTS_DIR), item_names=(STATE_ITEM, DATA_ITEM),
         options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise CheckpointError(f"{workdir}: no finished checkpoint in checkpoints/")
-        if step == "latest":
-            chosen = steps[-1]
-        elif step == "best":
-            losses = {}
-            for s in steps:
-                metrics = manager.metrics(s) or {}
-                if "validation_loss" in metrics:
-                    losses[s] = float(metrics["validation_loss"])
-            chosen = min(losses, key=lambda s: (losses[s], -s)) if losses else steps[-1]
-        else:
-            chosen = int(step)
-            if chosen not in steps:
-                raise CheckpointError(
-                    f"{workdir}: no checkpoint at step {chosen} (there are {steps})")
+        chosen = _choose_step(manager, workdir, step)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shapes = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-            jax.eval_shape(lambda: init_variables(config, jax.random.PRNGKey(0))))
-        item = {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
-        restored = manager.restore(chosen, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
+            jax.eval_shape(lambda: get_family(config).init_variables(
+                config, jax.random.PRNGKey(0))))
+        params = shapes.pop("params")
+        keys = _saved_state_keys(manager, chosen)
+        if "model_state" in keys:
+            use_ema = "ema_params" in keys and config.train.ema_decay > 0
+            item = {"ema_params" if use_ema else "params": params, "model_state": shapes}
+        else:
+            item = {"params": params, **shapes}
+        restored = manager.restore(chosen, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.PyTreeRestore(
                 item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                partial_restore=True)))
+                partial_restore=True)}))[STATE_ITEM]
     finally:
         manager.close()
-    state = restored["state"]
-    return config, {"params": state["params"], "batch_stats": state["batch_stats"]}, chosen
+    if "model_state" in restored:
+        variables = {"params": restored.get("ema_params", restored.get("params")),
+                     **restored["model_state"]}
+    else:
+        variables = dict(restored)
+    return config, variables, chosen

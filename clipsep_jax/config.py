@@ -1,20 +1,29 @@
-"""The one configuration schema of clipsep-jax.
+"""The one configuration schema of clipsep-jax: shared sections plus the model family's.
 
-Every hyperparameter of the reference implementation (sony/CLIPSep) has a name here; the files in
-``configs/`` start from :func:`default_config` and override what their experiment changes. Command
-lines override single fields (``--config.model.num_mask_channels=16``); ml_collections refuses keys
-that are not in this schema.
+Shared: ``num_sources``, ``audio`` (the front end), ``query`` (the query encoder and how queries
+are formed), ``train`` (optimizer, schedule, loop), ``data``, ``eval``, ``mesh``. The family of
+``model.kind`` (:mod:`clipsep_jax.families`) supplies ``model`` and its own section (CLIPSep:
+``config.clipsep.loss`` and ``config.clipsep.nit``). The files in ``configs/`` start from
+:func:`default_config` and override what their experiment changes. Command lines override single
+fields (``--config.model.num_mask_channels=16``); ml_collections refuses keys that are not in the
+schema. :func:`validate` checks every field with a fixed set of choices, in one pass.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-MODEL_KINDS = ("clipsep", "clipsep_nit", "pit", "labelsep")
+from clipsep_jax.encoders import ENCODERS
+from clipsep_jax.families import all_kinds, family_of_kind
+from clipsep_jax.families.base import check_choices
+
+# Every model kind of every registered family.
+MODEL_KINDS = all_kinds()
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Returns the reference's CLIPSep configuration (MUSIC, image queries, N = 2)."""
+def default_config(kind: str = "clipsep") -> ml_collections.ConfigDict:
+    """The shared sections, plus ``config.model`` and the family section of model ``kind``
+    (default: the reference's CLIPSep configuration: MUSIC, image queries, N = 2)."""
     config = ml_collections.ConfigDict()
 
     # Number of sources mixed per training example (the reference's n_mix).
@@ -33,38 +42,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.audio.gain_min = 0.5
     config.audio.gain_max = 1.5
 
-    config.model = ml_collections.ConfigDict()
-    config.model.kind = "clipsep"  # one of MODEL_KINDS
-    config.model.num_downs = 7  # U-Net levels (the reference's `layers`; at least 5)
-    config.model.base_width = 64  # channels of the outermost level (the reference's ngf)
-    config.model.num_mask_channels = 32  # k: intermediate masks (the reference's `channels`)
-    config.model.query_dim = 512  # CLIP embedding size
-    config.model.num_labels = 11  # LabelSep: rows of the label-embedding table
-    config.model.num_noise_heads = 2  # CLIPSep-NIT
-    # Computation dtype of convolutions and matmuls; parameters and BatchNorm stay float32.
-    config.model.compute_dtype = "float32"
-    config.model.batch_norm_momentum = 0.1  # PyTorch convention: weight of the new batch
-    config.model.batch_norm_epsilon = 1e-5
-    # How each up level's upsampling + 3x3 convolution is computed (the same function):
-    # "taps_first" mixes channels at the lower resolution (a quarter of the multiply-adds),
-    # "upsample_first" is the reference's order.
-    config.model.up_conv_formulation = "taps_first"
-    config.model.fusion = "late"  # query head: the reference's late fusion (the only one used)
-
-    config.loss = ml_collections.ConfigDict()
-    config.loss.binary_mask = True  # False: ratio masks |S_n| / sum_m |S_m| as soft targets
-    config.loss.binary_mask_threshold = 0.5  # target = |S_n| > threshold * |mixture|
-    config.loss.weighted = True  # weight = clip(log1p(|mixture|), weight_min, weight_max)
-    config.loss.weight_min = 1e-3
-    config.loss.weight_max = 10.0
-
-    # Noise invariant training (CLIPSep-NIT). Names follow the reference's flags.
-    config.nit = ml_collections.ConfigDict()
-    config.nit.warmup_steps = 0  # steps trained on query masks alone (pit_warmup_steps)
-    config.nit.reg_coef = 0.0  # noise-head-must-help regulariser (off in the reference)
-    config.nit.reg_epsilon = 0.1
-    config.nit.activation_reg_coef = 0.1  # reg2_coef: penalises busy noise heads
-    config.nit.activation_reg_epsilon = 0.25  # reg2_epsilon
+    # The model: config.model.kind chooses the family (clipsep_jax.families), which supplies the
+    # rest of this section and its own section config.<family name>.
+    family = family_of_kind(kind)
+    config.model = family.model_config(kind)
+    section = family.family_config()
+    if section is not None:
+        config[family.name] = section
 
     config.query = ml_collections.ConfigDict()
     config.query.mode = "image"  # image | text | hybrid (hybrid: image on even steps)
@@ -73,13 +57,18 @@ def default_config() -> ml_collections.ConfigDict:
     config.query.fps = 1.0
     config.query.frame_margin_seconds = 3.0  # training centre frame avoids the clip's ends
     config.query.text_template = "a photo of {}"
-    config.query.clip_model = "openai/clip-vit-base-patch32"
+    config.query.encoder = "clip"  # clipsep_jax.encoders: what embeds text and image queries
+    config.query.encoder_model = "openai/clip-vit-base-patch32"  # its hub id or local folder
     config.query.image_size = 224  # CLIP input frames (the reference's img_size)
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32  # global batch over all hosts
     config.train.num_steps = 200_000
-    config.train.learning_rate = 1e-3
+    config.train.learning_rate = 1e-3  # peak
+    # warmup_linear (the reference's: linear rise, linear fall to lr_decay_end_multiplier at
+    # lr_decay_end_step, then flat), warmup_cosine (to lr_decay_end_multiplier at
+    # lr_decay_end_step), constant (after the warm-up)
+    config.train.lr_schedule = "warmup_linear"
     config.train.lr_warmup_steps = 5_000
     config.train.lr_decay_end_step = 100_000
     config.train.lr_decay_end_multiplier = 0.1
@@ -87,6 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.adam_b1 = 0.9
     config.train.adam_b2 = 0.999
     config.train.adam_eps = 1e-8
+    config.train.weight_decay = 0.0  # > 0: AdamW's decoupled weight decay
+    # > 0: keep an exponential moving average of the parameters (decay per step); evaluation and
+    # inference use it when present
+    config.train.ema_decay = 0.0
     config.train.validation_every_steps = 10_000
     config.train.seed = 1234
     config.train.num_validation_examples = 0  # 0: the whole validation split (n_validation)
@@ -146,40 +139,67 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+# Shared fields with a fixed set of values (families check theirs with the same helper).
+CHOICES = {
+    "query.mode": ("image", "text", "hybrid"),
+    "train.lr_schedule": ("warmup_linear", "warmup_cosine", "constant"),
+    "eval.metric": ("museval", "mir_eval"),
+}
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the field when a configuration cannot describe a model."""
-    kind = config.model.kind
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"config.model.kind={kind!r}: expected one of {', '.join(MODEL_KINDS)}")
-    if config.model.num_downs < 5:
-        raise ValueError(f"config.model.num_downs={config.model.num_downs}: the U-Net needs >= 5")
+    """Raises ValueError naming the field when a configuration cannot describe a run: the shared
+    sections here, the model and family sections by the family."""
+    family = family_of_kind(config.model.kind)
+    check_choices(config, CHOICES)
+    if config.query.encoder not in ENCODERS:
+        raise ValueError(f"config.query.encoder={config.query.encoder!r}: expected one of "
+                         f"{', '.join(ENCODERS)}")
     if config.num_sources < 1:
         raise ValueError(f"config.num_sources={config.num_sources}: must be >= 1")
-    if kind == "clipsep_nit" and config.model.num_noise_heads < config.num_sources:
-        raise ValueError(
-            f"config.model.num_noise_heads={config.model.num_noise_heads} is smaller than "
-            f"config.num_sources={config.num_sources}: every query needs its own noise head"
-        )
-    if config.model.compute_dtype not in ("float32", "bfloat16"):
-        raise ValueError(
-            f"config.model.compute_dtype={config.model.compute_dtype!r}: "
-            "expected float32 or bfloat16"
-        )
-    if config.model.up_conv_formulation not in ("taps_first", "upsample_first"):
-        raise ValueError(
-            f"config.model.up_conv_formulation={config.model.up_conv_formulation!r}: "
-            "expected taps_first or upsample_first"
-        )
-    if config.model.fusion != "late":
-        raise ValueError(f"config.model.fusion={config.model.fusion!r}: only 'late' is built")
-    if config.query.mode not in ("image", "text", "hybrid"):
-        raise ValueError(
-            f"config.query.mode={config.query.mode!r}: expected image, text or hybrid"
-        )
-    if config.train.drop_closest:
-        raise ValueError("config.train.drop_closest: dropping closest pairs is not built yet")
-    if config.eval.metric not in ("museval", "mir_eval"):
-        raise ValueError(f"config.eval.metric={config.eval.metric!r}: expected museval or "
-                         "mir_eval")
     if config.audio.n_fft // 2 + 1 < 2 or config.audio.hop_length < 1:
         raise ValueError("config.audio: n_fft must be >= 2 and hop_length >= 1")
+    t = config.train
+    if t.batch_size < 1:
+        raise ValueError(f"config.train.batch_size={t.batch_size}: must be >= 1")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"config.train.ema_decay={t.ema_decay}: must be in [0, 1)")
+    for name in ("log_every_steps", "checkpoint_every_steps", "validation_every_steps"):
+        if t[name] < 1:
+            raise ValueError(f"config.train.{name}={t[name]}: must be >= 1")
+    if t.drop_closest:
+        raise ValueError("config.train.drop_closest: dropping closest pairs is not built yet")
+    family.validate_config(config)
+
+
+def migrate(saved: dict) -> dict:
+    """A config.json of an older version (a dict) -> today's layout: ``query.clip_model`` is
+    ``query.encoder_model``; the family moves its own fields (CLIPSep's ``loss`` and ``nit``
+    sections now live in ``config.clipsep``)."""
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    query = saved.get("query", {})
+    if "clip_model" in query:
+        query.setdefault("encoder_model", query.pop("clip_model"))
+    kind = saved.get("model", {}).get("kind", "clipsep")
+    return family_of_kind(kind).migrate_config(saved)
+
+
+def from_dict(saved: dict, source: str) -> ml_collections.ConfigDict:
+    """A saved config (today's or an older layout) merged over today's defaults of its kind (new
+    fields filled); ValueError naming ``source`` and the field for an unknown one."""
+    saved = migrate(saved)
+    config = default_config(saved.get("model", {}).get("kind", "clipsep"))
+    _merge(config, saved, source)
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, values: dict, source: str, prefix: str = "") -> None:
+    for key, value in values.items():
+        if key not in config:
+            raise ValueError(f"{source}: unknown config field {prefix}{key}")
+        if isinstance(config[key], ml_collections.ConfigDict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: config field {prefix}{key} should be a section")
+            _merge(config[key], value, source, f"{prefix}{key}.")
+        else:
+            config[key] = value

@@ -1,356 +1,41 @@
-r"""Evaluation tables like the paper's: SDR, SIR and SAR of the queried source on test mixtures.
+r"""Evaluation tables of a trained model on its test set, for every model family.
 
     python -m clipsep_jax.evaluate --workdir=runs/nit [--config=configs/music_clipsep_nit.py]
         [--checkpoint=best|latest|STEP|MODEL_DIR|reference.pt --model_kind=clipsep_nit]
         [--config.eval.num_sources=3 --config.eval.query_modes=text ...]
 
-Test mixtures follow the reference's evaluation: mixture i puts clip i of ``eval.split`` (the
-queried source) with ``eval.num_sources - 1`` clips drawn from ``eval.interference_split``
-(deterministically from i and ``eval.seed``), each crop around its clip's middle frame; several
-interfering clips are averaged into one, and the two are halved and summed. The queried
-source's mask (thresholded at 0.5, unwarped, applied to the mixture's magnitude with its phase)
-and its complement are scored against the queried clip and the interference with BSSEval;
-the unprocessed mixture is scored as the baseline. CLIPSep-NIT is scored without its noise heads
-and with them (each head added in turn, the better one kept: the reference's oracle); PIT keeps
-the better of its two output assignments.
-
-Writes ``WORKDIR/evaluation/<split>_<n>src_<checkpoint>.md`` (the printed table) and ``.json``
-(summaries, per-example metrics, skipped examples, the metric backends' measured agreement).
-The model runs jit-compiled in batches; the metrics run in ``eval.num_workers`` processes.
+The model's family builds the test set and scores it (CLIPSep's:
+:mod:`clipsep_jax.families.clipsep.evaluation`, the paper's SDR / SIR / SAR tables). Writes
+``WORKDIR/evaluation/<split>_<n>src_<checkpoint>.md`` (the printed table) and ``.json`` (the
+report). On several hosts every host runs this command (``--distributed``, as for
+``clipsep_jax.main``): each scores its share of the test set on the global mesh, and the first
+host writes the files.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from clipsep_jax import bss_eval
-from clipsep_jax.input_pipeline import MixSettings, mix_sources, open_split, partner_indices
-from clipsep_jax.models import forward
-from clipsep_jax.separation import linear_masks, masked_waveforms
+from clipsep_jax import checkpoints, inference, sharding
+from clipsep_jax.families import get_family
 
-__all__ = ["test_mixtures", "query_modes", "candidate_masks", "evaluate", "format_table", "main"]
-
-# query mode -> the test mixture's key holding its embedding
-QUERY_KEYS = {"text": "text_queries", "text_ensemble": "text_queries_ensemble",
-              "image": "image_queries"}
-
-
-def test_mixtures(config: ml_collections.ConfigDict, source: Any, metadata: dict,
-                  interference: Any | None = None) -> Any:
-    """Random-access test mixtures (``len`` and ``[i]``), deterministic per index.
-
-    Element ``i``: ``mag_mix`` [513, T], ``mix_stft`` [513, T, 2], ``waveforms`` [2, crop]
-    (the queried clip and the interference, as mixed), ``image_queries``, ``text_queries``,
-    ``text_queries_ensemble`` [D] and ``labels`` (the queried clip's), ``index``, ``partners``
-    (indices into the interference split).
-    """
-    import grain
-
-    e = config.eval
-    if e.num_sources < 2:
-        raise ValueError(f"config.eval.num_sources={e.num_sources}: a test mixture needs >= 2")
-    settings = MixSettings.from_config(config, metadata)
-    others = source if interference is None else interference
-    count = e.num_sources - 1
-    scales = [0.5] + [0.5 / count] * count
-    size = len(source) if not e.num_examples else min(e.num_examples, len(source))
-
-    def make(index: int) -> dict:
-        rng = np.random.default_rng([e.seed, index])
-        if interference is None:
-            partners = partner_indices(index, len(source), count, rng)
-        else:
-            if len(others) < count:
-                raise ValueError(f"{count} interfering clips per mixture, the interference "
-                                 f"split has {len(others)}")
-            partners = [int(i) for i in rng.choice(len(others), size=count, replace=False)]
-        records = [source[index]] + [others[i] for i in partners]
-        example = mix_sources(records, settings, None, with_waveforms=True, scales=scales)
-        waves = example["waveforms"]
-        return {
-            "mag_mix": example["mag_mix"],
-            "mix_stft": example["mix_stft"],
-            "waveforms": np.stack([waves[0], waves[1:].sum(0)]),
-            "image_queries": example["image_queries"][0],
-            "text_queries": example["text_queries"][0],
-            "text_queries_ensemble": example["text_queries_ensemble"][0],
-            "labels": example["labels"][0],
-            "index": np.int32(index),
-            "partners": np.asarray(partners, np.int32),
-        }
-
-    return grain.MapDataset.range(size).map(make)
-
-
-def query_modes(config: ml_collections.ConfigDict) -> list[str]:
-    """The query modes evaluated for ``config.model.kind``: CLIP models take
-    ``config.eval.query_modes`` (image, text, text_ensemble), LabelSep its label, PIT none."""
-    kind = config.model.kind
-    if kind == "pit":
-        return ["none"]
-    if kind == "labelsep":
-        return ["label"]
-    modes = [m.strip() for m in config.eval.query_modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in QUERY_KEYS]
-    if unknown or not modes:
-        raise ValueError(f"config.eval.query_modes={config.eval.query_modes!r}: expected a comma-"
-                         f"separated list of {', '.join(QUERY_KEYS)}")
-    return modes
-
-
-def candidate_masks(config: ml_collections.ConfigDict, variables: dict, mag_mix: jax.Array,
-                    queries: jax.Array | None) -> jax.Array:
-    """Mask probabilities of the queried source [B, C, F', T] for each candidate the scoring
-    chooses from: the query mask (CLIPSep, LabelSep); the query mask, then the query mask plus
-    each noise head, min(1, sigmoid(z) + sigmoid(n_h)) (CLIPSep-NIT); the first output and its
-    complement (PIT)."""
-    out = forward(config, variables, mag_mix, queries)
-    query = jax.nn.sigmoid(out["query_logits"][:, :1].astype(jnp.float32))
-    if config.model.kind == "clipsep_nit":
-        noise = jax.nn.sigmoid(out["noise_logits"].astype(jnp.float32))
-        return jnp.concatenate([query, jnp.minimum(1.0, query + noise)], axis=1)
-    if config.model.kind == "pit":
-        return jnp.concatenate([query, 1.0 - query], axis=1)
-    return query
-
-
-def _waveforms(config: ml_collections.ConfigDict, probabilities: jax.Array, mix_stft: jax.Array,
-               length: int) -> tuple[jax.Array, jax.Array]:
-    """[B, C, F', T] mask probabilities -> (estimates [B, C, 2, length]: each candidate's masked
-    mixture and its complement's, mixture [B, length]: the mixture through the same inverse)."""
-    e = config.eval
-    b, c = probabilities.shape[:2]
-    # The complement is thresholded on its own, as the reference does: (1 - p) > threshold.
-    pairs = jnp.stack([probabilities, 1.0 - probabilities], axis=2)
-    masks = linear_masks(config, pairs.reshape(b, 2 * c, *probabilities.shape[2:]),
-                         e.threshold if e.binary_masks else None)
-    ones = jnp.ones_like(masks[:, :1])
-    waves = masked_waveforms(config, jnp.concatenate([masks, ones], axis=1), mix_stft, length)
-    return waves[:, :-1].reshape(b, c, 2, length), waves[:, -1]
-
-
-def _variants(kind: str, candidates: int) -> list[tuple[str, list[int]]]:
-    """(row name, candidate indices it chooses from: the best SDR wins)."""
-    if kind == "clipsep_nit":
-        return [("without noise heads", [0]),
-                ("with noise heads (oracle)", list(range(1, candidates)))]
-    if kind == "pit":
-        return [("best assignment (oracle)", [0, 1])]
-    return [("", [0])]
-
-
-def _score_in_worker(args: tuple) -> bss_eval.ExampleScores:
-    return bss_eval.score_example(*args)
-
-
-def evaluate(config: ml_collections.ConfigDict, variables: dict, examples: Any, *,
-             progress: bool = True) -> dict:
-    """Scores ``examples`` (from :func:`test_mixtures`) -> the report (see the module docs):
-    {"rows": [{"query", "variant", "sdr", "sir", "sar" (summaries), "skipped"}], ...}."""
-    e, kind = config.eval, config.model.kind
-    modes = query_modes(config)
-    total = len(examples)
-    if total == 0:
-        raise ValueError(f"no test mixtures: the split {e.split!r} is empty")
-    batch_size = max(1, min(e.batch_size, total))
-    multiple = 2**config.model.num_downs
-    first = examples[0]
-    frames = first["mag_mix"].shape[-1]
-    if frames % multiple:
-        raise ValueError(f"test crops have {frames} STFT frames, not a multiple of {multiple}; "
-                         "set config.audio.crop_samples to a multiple of the hop (minus 1)")
-    length = (frames - 1) * config.audio.hop_length  # librosa.istft's length, as the reference
-    if kind in ("clipsep", "clipsep_nit"):
-        dim = first["image_queries"].shape[-1]
-        if dim != config.model.query_dim:
-            raise ValueError(f"the dataset's query embeddings have {dim} dimensions, the model "
-                             f"takes {config.model.query_dim}: prepare the data with the CLIP "
-                             "the model was trained with")
-
-    infer = jax.jit(functools.partial(candidate_masks, config))
-    reconstruct = jax.jit(functools.partial(_waveforms, config), static_argnums=2)
-    workers = os.cpu_count() if e.num_workers < 0 else e.num_workers
-    pool = (concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else None)
-    futures: dict[tuple[str, int], Any] = {}
-    results: dict[tuple[str, int], bss_eval.ExampleScores] = {}
-    from tqdm import tqdm
-
-    bar = tqdm(total=total * len(modes), unit="mixture", disable=not progress,
-               file=sys.stderr, desc="evaluate")
-    start_time = time.time()
-    try:
-        for start in range(0, total, batch_size):
-            indices = list(range(start, min(start + batch_size, total)))
-            batch = [examples[i] for i in indices]
-            padded = batch + [batch[-1]] * (batch_size - len(batch))  # one compiled shape
-            stacked = {k: np.stack([x[k] for x in padded]) for k in padded[0] if k != "partners"}
-            mix_stft = stacked["mix_stft"][..., 0] + 1j * stacked["mix_stft"][..., 1]
-            for mode in modes:
-                if mode == "none":
-                    queries = None
-                elif mode == "label":
-                    queries = stacked["labels"][:, None]
-                else:
-                    queries = stacked[QUERY_KEYS[mode]][:, None]
-                probabilities = infer(variables, stacked["mag_mix"], queries)
-                estimates, mixture = reconstruct(probabilities, jnp.asarray(mix_stft), length)
-                estimates, mixture = np.asarray(estimates), np.asarray(mixture)
-                for row, index in enumerate(indices):
-                    check = mode == modes[0] and index < e.check_examples and e.fast_metrics
-                    job = (index, stacked["waveforms"][row, :, :length], estimates[row],
-                           mixture[row], e.metric, e.fast_metrics, check)
-                    if pool is None:
-                        results[(mode, index)] = bss_eval.score_example(*job)
-                        bar.update()
-                    else:
-                        futures[(mode, index)] = pool.submit(_score_in_worker, job)
-            if pool is not None:  # collect what is done, so the bar moves while the model runs
-                for key in [k for k, f in futures.items() if f.done()]:
-                    results[key] = futures.pop(key).result()
-                    bar.update()
-        for key, future in futures.items():
-            results[key] = future.result()
-            bar.update()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return _report(config, modes, results, total, time.time() - start_time)
-
-
-def _report(config, modes: list[str], results: dict, total: int, seconds: float) -> dict:
-    e, kind = config.eval, config.model.kind
-    rows, per_example, skipped = [], {}, []
-    mixture = [results[(modes[0], i)].mixture for i in range(total)]
-    mixture_ok = [m for m in mixture if m is not None]
-    rows.append({"query": "mixture", "variant": "",
-                 **{m: bss_eval.summarise([x[m] for x in mixture_ok]) for m in bss_eval.METRICS},
-                 "skipped": total - len(mixture_ok)})
-    for mode in modes:
-        scores = [results[(mode, i)] for i in range(total)]
-        for s in scores:
-            if s.skipped:
-                skipped.append({"query": mode, "index": s.index, "reasons": s.skipped})
-        for name, choices in _variants(kind, len(scores[0].candidates)):
-            chosen = []
-            for s in scores:
-                options = [s.candidates[c] for c in choices]
-                if all(o is not None for o in options):  # the reference skips the example
-                    best = max(options, key=lambda x: x["sdr"])  # when one is silent
-                    chosen.append({"index": s.index, **best})
-            rows.append({"query": mode, "variant": name,
-                         **{m: bss_eval.summarise([x[m] for x in chosen])
-                            for m in bss_eval.METRICS},
-                         "skipped": total - len(chosen)})
-            per_example[f"{mode}/{name}" if name else mode] = chosen
-    per_example["mixture"] = [{"index": i, **m} for i, m in enumerate(mixture) if m is not None]
-    gaps = [s.agreement_db for s in results.values() if s.agreement_db is not None]
-    return {
-        "model_kind": kind,
-        "split": e.split,
-        "interference_split": e.interference_split or e.split,
-        "num_sources": e.num_sources,
-        "num_examples": total,
-        "metric": e.metric,
-        "fast_metrics": e.fast_metrics,
-        "binary_masks": e.binary_masks,
-        "threshold": e.threshold,
-        "metric_agreement_db": {"checked_examples": len(gaps),
-                                "max_abs_difference": max(gaps) if gaps else None},
-        "seconds": seconds,
-        "rows": rows,
-        "per_example": per_example,
-        "skipped": skipped,
-    }
+__all__ = ["run", "format_table", "main"]
 
 
 def format_table(report: dict) -> str:
-    """The report's rows as a markdown table: mean ± 95% CI and median, in dB."""
-    header = ("| query | noise heads / assignment | n | SDR | SDR median | SIR | SIR median | SAR "
-              "| SAR median |")
-    lines = [header, "|" + "---|" * 9]
-    names = {"text": "text", "text_ensemble": "text (prompt ensemble)", "image": "image",
-             "label": "label", "none": "none (PIT)", "mixture": "mixture (baseline)"}
-    for row in report["rows"]:
-        cells = [names.get(row["query"], row["query"]), row["variant"] or "-",
-                 str(row["sdr"]["count"])]
-        for m in bss_eval.METRICS:
-            s = row[m]
-            cells += [f"{s['mean']:.2f} ± {s['ci95']:.2f}", f"{s['median']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    agreement = report["metric_agreement_db"]
-    notes = [f"{report['num_examples']} test mixtures of {report['num_sources']} sources "
-             f"({report['split']} + {report['interference_split']}); metric: "
-             f"{report['metric']} ({'fast_bss_eval' if report['fast_metrics'] else 'library'}); "
-             "mean ± 95% confidence interval, dB."]
-    if agreement["checked_examples"]:
-        notes.append(f"fast_bss_eval against {report['metric']} on "
-                     f"{agreement['checked_examples']} examples: largest difference "
-                     f"{agreement['max_abs_difference']:.2g} dB.")
-    if report["skipped"]:
-        notes.append(f"{len(report['skipped'])} (query, mixture) pairs had a silent reference or "
-                     "estimate and are left out as the reference does (listed in the JSON).")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    """The report's table, as its family formats it."""
+    from clipsep_jax.families import family_of_kind
 
-
-def write_examples(config: ml_collections.ConfigDict, variables: dict, examples: Any,
-                   folder: Path, count: int, labels: tuple[str, ...] = ()) -> list[Path]:
-    """The first ``count`` test mixtures as audio and pictures, one folder each:
-    ``mixture.wav``, ``truth.wav`` (the queried source), ``<mode>.wav`` (its estimate from each
-    query mode; NIT without noise heads), and ``mixture.png`` / ``truth.png`` (log-frequency
-    spectrograms) and ``<mode>_mask.png`` (the thresholded mask)."""
-    import soundfile
-
-    from clipsep_jax import audio
-    from clipsep_jax.pictures import save_png, spectrogram_picture
-
-    infer = jax.jit(functools.partial(candidate_masks, config))
-    reconstruct = jax.jit(functools.partial(_waveforms, config), static_argnums=2)
-    rate, written = config.audio.sample_rate, []
-    for i in range(min(count, len(examples))):
-        e = examples[i]
-        label = int(e["labels"])
-        name = labels[label] if 0 <= label < len(labels) else f"label{label}"
-        out = folder / f"{i:03d}_{name.replace(' ', '_')}"
-        out.mkdir(parents=True, exist_ok=True)
-        stft = (e["mix_stft"][..., 0] + 1j * e["mix_stft"][..., 1])[None]
-        length = (stft.shape[-1] - 1) * config.audio.hop_length
-        soundfile.write(out / "mixture.wav", e["waveforms"].sum(0), rate)
-        soundfile.write(out / "truth.wav", e["waveforms"][0], rate)
-        truth = np.abs(audio.stft_numpy(e["waveforms"][0], n_fft=config.audio.n_fft,
-                                        hop_length=config.audio.hop_length,
-                                        win_length=config.audio.win_length))
-        warp = functools.partial(audio.warp_to_log_frequency,
-                                 num_log_bins=config.audio.num_log_freq_bins)
-        save_png(out / "mixture.png", spectrogram_picture(np.log1p(20 * np.asarray(
-            warp(jnp.asarray(e["mag_mix"])[None]))[0])))
-        save_png(out / "truth.png", spectrogram_picture(np.log1p(20 * np.asarray(
-            warp(jnp.asarray(truth[:, : e["mag_mix"].shape[-1]])[None]))[0])))
-        for mode in query_modes(config):
-            queries = (None if mode == "none" else np.asarray(e["labels"])[None, None]
-                       if mode == "label" else e[QUERY_KEYS[mode]][None, None])
-            probabilities = infer(variables, e["mag_mix"][None], queries)
-            estimates, _ = reconstruct(probabilities, jnp.asarray(stft), length)
-            soundfile.write(out / f"{mode}.wav", np.asarray(estimates)[0, 0, 0], rate)
-            mask = np.asarray(probabilities)[0, 0] > config.eval.threshold
-            save_png(out / f"{mode}_mask.png", spectrogram_picture(mask.astype(np.float32)))
-        written.append(out)
-    return written
+    return family_of_kind(report["model_kind"]).format_table(report)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -363,39 +48,39 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best",
         model_kind: str | None = None, progress: bool = True) -> tuple[dict, Path]:
-    """Loads the checkpoint, builds the test mixtures, evaluates; writes the table and the JSON
-    into ``workdir/evaluation/`` and returns (report, path of the JSON)."""
-    from clipsep_jax import checkpoints
+    """Loads the checkpoint, evaluates it on ``config.eval``'s test set on every device of every
+    host; the first host writes the table and the JSON into ``workdir/evaluation/``. Returns
+    (report, path of the JSON) on every host.
 
+    ``checkpoint``: ``best``, ``latest`` or a step of the workdir's checkpoints, or a model
+    directory, or a reference checkpoint file (with ``model_kind``). The model's own config
+    (its ``model`` and ``audio`` sections and ``num_sources``) replaces ``config``'s."""
     path = Path(checkpoint)
     if checkpoint in ("best", "latest") or checkpoint.isdigit():
         model_config, variables, step = checkpoints.load_workdir(
             workdir, checkpoint if not checkpoint.isdigit() else int(checkpoint))
         tag = f"step{step}"
     else:
-        model_config, variables = checkpoints.load_for_inference(path, model_kind)
+        model_config, variables = inference.load_for_inference(path, model_kind)
         tag = path.stem if path.is_file() else path.name
     config = ml_collections.ConfigDict(config.to_dict())
     config.model = model_config.model
     config.audio = model_config.audio
     config.num_sources = model_config.num_sources
-    source, metadata = open_split(config, config.eval.split)
-    interference = None
-    if config.eval.interference_split and config.eval.interference_split != config.eval.split:
-        interference, _ = open_split(config, config.eval.interference_split)
-    examples = test_mixtures(config, source, metadata, interference)
-    report = evaluate(config, jax.device_put(variables), examples, progress=progress)
+    family = get_family(config)
+    mesh = sharding.make_mesh(config)
+    report = family.evaluate(config, variables, mesh, progress=progress)
     report["checkpoint"] = str(checkpoint if not path.exists() else path.absolute())
-    table = format_table(report)
+    report.setdefault("model_kind", config.model.kind)
     name = f"{config.eval.split}_{config.eval.num_sources}src_{tag}"
     out = Path(workdir) / "evaluation"
-    if config.eval.num_audio_examples:
-        folders = write_examples(config, variables, examples, out / f"{name}_examples",
-                                 config.eval.num_audio_examples,
-                                 tuple(metadata.get("labels", ())))
-        report["audio_examples"] = [str(f) for f in folders]
-    _write_atomic(out / f"{name}.json", json.dumps(report, indent=1))
-    _write_atomic(out / f"{name}.md", table)
+    if jax.process_index() == 0:
+        if config.eval.num_audio_examples:
+            folders = family.write_examples(config, variables, out / f"{name}_examples",
+                                            config.eval.num_audio_examples)
+            report["audio_examples"] = [str(f) for f in folders]
+        _write_atomic(out / f"{name}.json", json.dumps(report, indent=1))
+        _write_atomic(out / f"{name}.md", family.format_table(report))
     return report, out / f"{name}.json"
 
 
@@ -403,9 +88,8 @@ _FLAGS: dict = {}
 
 
 def _define_flags() -> dict:
-    from absl import flags
-    from ml_collections import config_flags
-
+    # Defined when this module runs as the command: clipsep_jax.main, which imports it, has
+    # flags of the same names.
     if not _FLAGS:
         _FLAGS["config"] = config_flags.DEFINE_config_file(
             "config", None,
@@ -414,41 +98,40 @@ def _define_flags() -> dict:
             "workdir", None, "Training workdir; results go to WORKDIR/evaluation/.")
         _FLAGS["checkpoint"] = flags.DEFINE_string(
             "checkpoint", "best", "best | latest | a step of the workdir's checkpoints, or a "
-            "model directory, or a reference PyTorch checkpoint (with --model_kind).")
+            "model directory, or a reference checkpoint (with --model_kind).")
         _FLAGS["model_kind"] = flags.DEFINE_string(
-            "model_kind", None, "Kind of a reference .pt checkpoint.")
+            "model_kind", None, "Kind of a reference checkpoint.")
+        _FLAGS["distributed"] = flags.DEFINE_enum(
+            "distributed", "auto", ["auto", "on", "off"],
+            "Call jax.distributed.initialize(): auto does on TPU pods and under SLURM with "
+            "several tasks, or when JAX_COORDINATOR_ADDRESS is set.")
     return _FLAGS
 
 
 def _main(argv) -> int:
-    from absl import app
-
-    from clipsep_jax import checkpoints
-
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    f = _FLAGS
-    if not f["workdir"].value:
+    f = {name: flag.value for name, flag in _FLAGS.items()}
+    if not f["workdir"]:
         raise app.UsageError("--workdir is required")
+    sharding.initialize_distributed(f["distributed"])
     try:
-        config = f["config"].value
+        config = f["config"]
         if config is None:
-            config = checkpoints.load_config(f["workdir"].value)
-        report, path = run(config, f["workdir"].value, f["checkpoint"].value,
-                           f["model_kind"].value)
+            config = checkpoints.load_config(f["workdir"])
+        report, path = run(config, f["workdir"], f["checkpoint"], f["model_kind"])
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(format_table(report))
-    print(f"written: {path} and {path.with_suffix('.md')}")
+    if jax.process_index() == 0:
+        print(format_table(report))
+        print(f"written: {path} and {path.with_suffix('.md')}")
     return 0
 
 
 def main() -> None:
-    from absl import app
-
     _define_flags()
-    app.run(_main)
+    app.run(lambda argv: sys.exit(_main(argv)))
 
 
 if __name__ == "__main__":

@@ -1,209 +1,42 @@
-"""Mix-and-separate input pipeline over the datasets ``data_prep`` writes (grain over TFDS).
+"""Input pipeline: the datasets ``data_prep`` writes (TFDS ArrayRecord) read through grain, ending
+at the model's input as global arrays on the device mesh.
 
-Each training example mixes N clips as the reference's data loader does: the first clip is the
-element's, the other N - 1 are drawn uniformly from the rest; each clip gets a random centre
-frame (margins excluded), its image query is the mean embedding of ``num_frames`` frames around
-it, its audio crop (65535 samples) is centred at (centre - 0.5) / fps seconds and scaled by a
-gain U(gain_min, gain_max), clipped to [-1, 1] and divided by N. Evaluation examples use the
-middle frame, no gain, and partners drawn deterministically from the element's index.
+What a model reads is its family's business (``Family.training_transform`` and
+``Family.validation_transform``: element index -> example); this module does the rest, the same
+for every family:
 
-The crop's spectrum is a slice of the clip's stored whole-clip STFT (mixing stays exact: STFTs
-add), starting at the STFT frame nearest the reference's crop start. Where a gain would push a
-crop past +-1, that source's crop is clipped as in the reference and its STFT computed from the
-clipped waveform. Frames beyond the clip's ends are zeros, as the reference zero-pads.
-
-Example (numpy, per element): ``mag_mix`` [513, 256], ``mags`` [N, 513, 256], ``image_queries``
-and ``text_queries`` [N, D], ``labels`` [N] (index into the dataset's label list); evaluation
-examples add ``waveforms`` [N, crop] (the scaled sources), ``mix_stft`` [513, 256, 2] and
-``text_queries_ensemble`` [N, D] (the prompt-ensemble embeddings).
+- :func:`open_split`: a random-access source of one split, and the dataset's metadata;
+- :func:`training_batches`: an endless, shuffled, per-host sharded stream of batches with the
+  family's transform running inside grain's reader threads (or worker processes), each batch
+  placed on the mesh as one global array per key (:class:`GlobalBatches`; its grain iterator is
+  what checkpoints save, so a restored run continues the same stream);
+- :func:`sharded_batches`: a finite, deterministic pass over a split in which every host reads,
+  decodes and feeds only its own rows of each global batch; the last batch is padded with
+  ``valid = 0`` rows, so every element counts exactly once.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
 
-from clipsep_jax import audio
+from clipsep_jax import sharding
 
 __all__ = [
-    "MixSettings",
     "MemoryCachedSource",
-    "mix_sources",
     "open_split",
-    "partner_indices",
     "training_dataset",
-    "evaluation_dataset",
-    "model_batch",
+    "GlobalBatches",
+    "training_batches",
+    "sharded_batches",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class MixSettings:
-    """The numbers the mixing needs, from the config and the dataset's metadata."""
-
-    num_sources: int
-    crop_samples: int
-    sample_rate: int
-    n_fft: int
-    hop_length: int
-    win_length: int
-    fps: float
-    frame_margin: int  # frames excluded at each end when drawing a training centre frame
-    num_frames: int  # frames averaged into an image query
-    frame_stride: int
-    gain_min: float
-    gain_max: float
-    labels: tuple[str, ...]
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, metadata: dict) -> MixSettings:
-        a, q = config.audio, config.query
-        for key, ours in (
-            ("sample_rate", a.sample_rate),
-            ("n_fft", a.n_fft),
-            ("hop_length", a.hop_length),
-            ("win_length", a.win_length),
-            ("fps", q.fps),
-        ):
-            if key in metadata and float(metadata[key]) != float(ours):
-                raise ValueError(
-                    f"the dataset was prepared with {key}={metadata[key]}, the config says "
-                    f"{ours}; prepare it again or change config.audio / config.query"
-                )
-        return cls(
-            num_sources=config.num_sources,
-            crop_samples=a.crop_samples,
-            sample_rate=a.sample_rate,
-            n_fft=a.n_fft,
-            hop_length=a.hop_length,
-            win_length=a.win_length,
-            fps=q.fps,
-            frame_margin=int(round(q.frame_margin_seconds * q.fps)),
-            num_frames=q.num_frames,
-            frame_stride=q.frame_stride,
-            gain_min=a.gain_min,
-            gain_max=a.gain_max,
-            labels=tuple(metadata.get("labels", ())),
-        )
-
-    @property
-    def crop_frames(self) -> int:
-        return audio.num_frames(self.crop_samples, self.hop_length)
-
-
-def centre_frame(frame_count: int, settings: MixSettings, rng: np.random.Generator | None) -> int:
-    """1-based centre frame: uniform in [margin + 1, count - margin] for training (``rng``), the
-    middle frame ``count // 2`` for evaluation; clips too short for the margins use all frames."""
-    if rng is None:
-        return max(1, frame_count // 2)
-    low, high = settings.frame_margin + 1, frame_count - settings.frame_margin
-    if high < low:
-        low, high = 1, frame_count
-    return int(rng.integers(low, high + 1))
-
-
-def image_query(frame_embeddings: np.ndarray, centre: int, settings: MixSettings) -> np.ndarray:
-    """Mean embedding of ``num_frames`` frames spaced ``frame_stride`` around the 1-based
-    ``centre`` (indices clamped into the clip), float32 [D]."""
-    offsets = (np.arange(settings.num_frames) - settings.num_frames // 2) * settings.frame_stride
-    index = np.clip(centre - 1 + offsets, 0, len(frame_embeddings) - 1)
-    return frame_embeddings[index].astype(np.float32).mean(axis=0)
-
-
-def crop_start(centre: int, settings: MixSettings) -> int:
-    """First sample of the reference's crop around frame ``centre``'s time (may be negative)."""
-    centre_sample = int((centre - 0.5) / settings.fps * settings.sample_rate)
-    return centre_sample - settings.crop_samples // 2
-
-
-def _slice_frames(stft: np.ndarray, first: int, count: int) -> np.ndarray:
-    """Frames [first, first + count) of a stored STFT [T, F, 2] as complex64 [F, count], zeros
-    where the range leaves the clip."""
-    out = np.zeros((count, stft.shape[1]), np.complex64)
-    lo, hi = max(first, 0), min(first + count, len(stft))
-    if hi > lo:
-        part = stft[lo:hi]
-        out[lo - first : hi - first] = part[..., 0] + 1j * part[..., 1]
-    return out.T
-
-
-def _crop_waveform(waveform: np.ndarray, start: int, length: int) -> np.ndarray:
-    out = np.zeros(length, np.float32)
-    lo, hi = max(start, 0), min(start + length, len(waveform))
-    if hi > lo:
-        out[lo - start : hi - start] = waveform[lo:hi]
-    return out
-
-
-def mix_sources(
-    records: Sequence[dict],
-    settings: MixSettings,
-    rng: np.random.Generator | None,
-    with_waveforms: bool = False,
-    scales: Sequence[float] | None = None,
-) -> dict[str, np.ndarray]:
-    """One mix-and-separate example from N clip records (``rng`` None: evaluation).
-
-    ``scales``: each record's factor in place of 1 / N (the test mixtures of
-    ``clipsep_jax.evaluate`` average several interfering clips into one)."""
-    n = len(records)
-    scales = [1.0 / n] * n if scales is None else list(scales)
-    if len(scales) != n:
-        raise ValueError(f"{len(scales)} scales for {n} records")
-    spectra, image_queries, text_queries, labels, waveforms = [], [], [], [], []
-    ensembles = []
-    for record, scale in zip(records, scales, strict=True):
-        count = len(record["frame_embeddings"])
-        centre = centre_frame(count, settings, rng)
-        start = crop_start(centre, settings)
-        first = int(round(start / settings.hop_length))
-        gain = 1.0 if rng is None else float(rng.uniform(settings.gain_min, settings.gain_max))
-        crop = None
-        if with_waveforms or rng is not None:
-            crop = _crop_waveform(
-                record["waveform"], first * settings.hop_length, settings.crop_samples
-            )
-        if rng is not None and gain * float(np.abs(crop).max(initial=0.0)) > 1.0:
-            crop = np.clip(gain * crop, -1.0, 1.0) * scale
-            spectrum = audio.stft_numpy(
-                crop,
-                n_fft=settings.n_fft,
-                hop_length=settings.hop_length,
-                win_length=settings.win_length,
-            )
-        else:
-            spectrum = _slice_frames(record["stft"], first, settings.crop_frames) * (gain * scale)
-            if crop is not None:
-                crop = crop * (gain * scale)
-        spectra.append(spectrum)
-        waveforms.append(crop)
-        image_queries.append(image_query(record["frame_embeddings"], centre, settings))
-        text_queries.append(np.asarray(record["text_embedding"], np.float32))
-        if with_waveforms:
-            ensembles.append(np.asarray(
-                record.get("text_embedding_ensemble", record["text_embedding"]), np.float32))
-        label = record["label"]
-        label = label.decode() if isinstance(label, bytes) else str(label)
-        labels.append(settings.labels.index(label) if label in settings.labels else -1)
-    spectra = np.stack(spectra)
-    mixture = spectra.sum(axis=0)
-    example = {
-        "mag_mix": np.abs(mixture).astype(np.float32),
-        "mags": np.abs(spectra).astype(np.float32),
-        "image_queries": np.stack(image_queries),
-        "text_queries": np.stack(text_queries),
-        "labels": np.asarray(labels, np.int32),
-    }
-    if with_waveforms:
-        example["waveforms"] = np.stack(waveforms).astype(np.float32)
-        example["mix_stft"] = np.stack([mixture.real, mixture.imag], axis=-1).astype(np.float32)
-        example["text_queries_ensemble"] = np.stack(ensembles)
-    return example
 
 
 class MemoryCachedSource:
@@ -228,120 +61,137 @@ class MemoryCachedSource:
         return record
 
 
-def open_split(config: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
-    """(random-access TFDS source of ``split``, the dataset's metadata); records stay in memory
-    once read when ``config.data.cache_in_memory``."""
-    import tensorflow_datasets as tfds
-
-    if not config.data.data_dir:
+def open_split(data: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
+    """(random-access TFDS source of ``split``, the dataset's metadata) for ``config.data``;
+    records stay in memory once read when ``data.cache_in_memory``."""
+    if not data.data_dir:
         raise ValueError("config.data.data_dir is empty: point it at data_prep's --data_dir")
-    builder = tfds.builder(config.data.name, data_dir=config.data.data_dir)
+    builder = tfds.builder(data.name, data_dir=data.data_dir)
     sources = builder.as_data_source()
     if split not in sources:
         raise ValueError(
-            f"{config.data.name} in {config.data.data_dir} has no split {split!r} "
-            f"(it has {sorted(sources)})"
+            f"{data.name} in {data.data_dir} has no split {split!r} (it has {sorted(sources)})"
         )
     source = sources[split]
-    if config.data.cache_in_memory:
+    if data.cache_in_memory:
         source = MemoryCachedSource(source)
     return source, dict(builder.info.metadata or {})
 
 
-def partner_indices(index: int, size: int, count: int, rng: np.random.Generator) -> list[int]:
-    """``count`` distinct indices other than ``index``, uniform (the reference's sampling)."""
-    if size - 1 < count:
-        raise ValueError(f"mixing {count + 1} sources needs at least {count + 1} clips, got {size}")
-    others = rng.choice(size - 1, size=count, replace=False)
-    return [int(i) + (i >= index) for i in others]
-
-
-class _MixTraining(grain.transforms.RandomMap):
-    def __init__(self, source, settings: MixSettings):
-        self.source, self.settings = source, settings
+class _RandomTransform(grain.transforms.RandomMap):
+    def __init__(self, transform: Callable[[int, np.random.Generator], dict]):
+        self.transform = transform
 
     def random_map(self, index: int, rng: np.random.Generator) -> dict:
-        others = partner_indices(index, len(self.source), self.settings.num_sources - 1, rng)
-        records = [self.source[i] for i in [index, *others]]
-        return mix_sources(records, self.settings, rng)
+        return self.transform(index, rng)
 
 
 def training_dataset(
-    config: ml_collections.ConfigDict,
-    source: Any,
-    metadata: dict,
+    transform: Callable[[int, np.random.Generator], dict],
+    size: int,
     *,
-    seed: int | None = None,
+    batch_size: int,
+    seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    num_workers: int = 0,
 ) -> grain.IterDataset:
     """Endless batches of this host's share of the global batch, reshuffled every epoch.
 
-    Deterministic for the seed: element k of the global stream depends on (seed, k) only, so a
-    restored iterator state continues the same batches.
+    Element k of the global stream is ``transform(permutation(k), rng(seed + 1, k))``, so it
+    depends on (seed, k) only and a restored iterator state continues the same batches. Host
+    ``process_index`` takes elements ``process_index::process_count``.
     """
-    settings = MixSettings.from_config(config, metadata)
-    batch = config.train.batch_size
-    if batch % process_count:
+    if batch_size % process_count:
         raise ValueError(
-            f"config.train.batch_size={batch} is not divisible by {process_count} hosts"
+            f"config.train.batch_size={batch_size} is not divisible by {process_count} hosts"
         )
-    seed = config.train.seed if seed is None else seed
+    if size == 0:
+        raise ValueError("the training split is empty")
     dataset = (
-        grain.MapDataset.range(len(source))
+        grain.MapDataset.range(size)
         .shuffle(seed=seed)
         .repeat()
-        .random_map(_MixTraining(source, settings), seed=seed + 1)
+        .random_map(_RandomTransform(transform), seed=seed + 1)
     )
     dataset = dataset[process_index::process_count].batch(
-        batch // process_count, drop_remainder=True
+        batch_size // process_count, drop_remainder=True
     )
     iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
-    if config.data.num_workers > 0:
-        from absl import flags
-
+    if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice)
             flags.FLAGS.mark_as_parsed()
-        iterable = iterable.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=config.data.num_workers)
-        )
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iterable
 
 
-def evaluation_dataset(
+class GlobalBatches:
+    """Iterator of global batches: this host's numpy batches from a grain iterator, placed on
+    ``mesh`` with the batch axis split over every device (:func:`sharding.global_batch`).
+
+    ``grain_iterator`` is the state to checkpoint (``grain.checkpoint.CheckpointSave``)."""
+
+    def __init__(self, grain_iterator: Any, mesh: jax.sharding.Mesh):
+        self.grain_iterator = grain_iterator
+        self.mesh = mesh
+
+    def __iter__(self) -> GlobalBatches:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        return sharding.global_batch(next(self.grain_iterator), self.mesh)
+
+
+def training_batches(
     config: ml_collections.ConfigDict,
-    source: Any,
-    metadata: dict,
+    transform: Callable[[int, np.random.Generator], dict],
+    size: int,
+    mesh: jax.sharding.Mesh,
+) -> GlobalBatches:
+    """The training stream of ``config.train`` / ``config.data`` over a split of ``size``
+    elements, as global arrays on ``mesh``."""
+    dataset = training_dataset(
+        transform, size, batch_size=config.train.batch_size, seed=config.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=config.data.num_workers)
+    return GlobalBatches(iter(dataset), mesh)
+
+
+def sharded_batches(
+    transform: Callable[[int], dict],
+    size: int,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
     *,
-    seed: int = 0,
-    limit: int = 0,
-) -> grain.MapDataset:
-    """One deterministic mixture per clip (middle frames, no gain, partners from the index),
-    with waveforms for scoring; ``limit`` > 0 keeps the first ``limit``."""
-    settings = MixSettings.from_config(config, metadata)
-    size = len(source)
+    num_threads: int = 4,
+) -> Iterator[dict[str, jax.Array]]:
+    """One pass over elements ``0 .. size - 1`` in global batches of ``batch_size`` on ``mesh``.
 
-    def make(index: int) -> dict:
-        rng = np.random.default_rng([seed, index])
-        others = partner_indices(index, size, settings.num_sources - 1, rng)
-        records = [source[i] for i in [index, *others]]
-        return mix_sources(records, settings, None, with_waveforms=True)
+    Each host builds only its own rows: of global batch j, host p holds elements
+    ``j * batch_size + p * share + r`` (``share = batch_size / process count``). Every batch adds
+    ``index`` [B] int32 (the element) and ``valid`` [B] float32 (0 for the padding that fills the
+    last batch; padding rows repeat real elements, so they are well-formed inputs). Elements are
+    built ahead in ``num_threads`` threads.
+    """
+    processes = jax.process_count()
+    if batch_size % processes or batch_size % mesh.devices.size:
+        raise ValueError(f"batch size {batch_size} must be divisible by the {processes} hosts "
+                         f"and the {mesh.devices.size} devices")
+    if size == 0:
+        return
+    share = batch_size // processes
+    host = jax.process_index()
+    num_batches = -(-size // batch_size)
 
-    dataset = grain.MapDataset.range(min(size, limit) if limit else size).map(make)
-    return dataset
+    def element(k: int) -> dict:
+        index = (k // share) * batch_size + host * share + k % share
+        example = dict(transform(index % size))
+        example["index"] = np.int32(index)
+        example["valid"] = np.float32(index < size)
+        return example
 
-
-def model_batch(config: ml_collections.ConfigDict, batch: dict, mode: str | None = None) -> dict:
-    """The arrays the train and eval steps read for ``config``: queries by model kind and query
-    mode (``mode`` overrides ``config.query.mode``, e.g. to validate with text queries)."""
-    out = {"mag_mix": batch["mag_mix"], "mags": batch["mags"]}
-    kind, mode = config.model.kind, mode or config.query.mode
-    if kind == "labelsep":
-        out["queries"] = batch["labels"]
-    elif kind != "pit":
-        if mode == "hybrid":
-            out["image_queries"] = batch["image_queries"]
-            out["text_queries"] = batch["text_queries"]
-        else:
-            out["queries"] = batch[f"{mode}_queries"]
-    return out
+    dataset = grain.MapDataset.range(num_batches * share).map(element).batch(share)
+    iterator = iter(dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * share)))
+    for local in iterator:
+        yield sharding.global_batch(local, mesh)

@@ -23,7 +23,6 @@ rate is resampled to 16 kHz and back; stereo is separated per channel or downmix
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
@@ -35,25 +34,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import soundfile
 
-from clipsep_jax import audio
-from clipsep_jax.models import forward
-from clipsep_jax.separation import linear_masks, masked_waveforms, with_residual
+from clipsep_jax import inference
+from clipsep_jax.families import get_family
+from clipsep_jax.separation import SeparationError
 
-__all__ = ["Separator", "read_audio", "query_file_name", "main"]
+__all__ = ["SeparationError", "read_audio", "query_file_name", "main"]
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
-QUERY_KINDS = ("clipsep", "clipsep_nit")
 
 
-class SeparationError(ValueError):
-    """Bad input to separation: the message names the file or value."""
+def __getattr__(name: str) -> Any:
+    # The old home of CLIPSep's Separator; imported on demand so that this command's module
+    # does not load a model family it is not asked for.
+    if name == "Separator":
+        from clipsep_jax.families.clipsep.separator import Separator
+
+        return Separator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_audio(path: str) -> tuple[np.ndarray, int]:
@@ -100,198 +101,6 @@ def query_file_name(query: str, taken: set[str]) -> str:
         name, i = f"{stem}_{i}", i + 1
     taken.add(name)
     return name
-
-
-class Separator:
-    """A separation model with CLIP for its queries.
-
-    Args:
-        config: the model's config (``model.kind`` clipsep or clipsep_nit; NIT's noise heads are
-            dropped, as at test time in the reference).
-        variables: its parameters and BatchNorm statistics.
-        clip: a :class:`clipsep_jax.clip.CLIP`, or a hub id / folder to load one from
-            (default: ``config.query.clip_model``).
-        window_frames: STFT frames per model window (a multiple of 2**num_downs); memory grows
-            with it, compute with window / (window - overlap).
-        overlap_frames: frames shared by neighbouring windows, cross-faded.
-        batch_size: windows per model call.
-    """
-
-    def __init__(self, config: ml_collections.ConfigDict, variables: dict, clip: Any = None,
-                 window_frames: int = 4096, overlap_frames: int = 256, batch_size: int = 2):
-        if config.model.kind not in QUERY_KINDS:
-            raise SeparationError(
-                f"model kind {config.model.kind!r} cannot take text or image queries; "
-                f"separation needs one of {', '.join(QUERY_KINDS)}")
-        multiple = 2**config.model.num_downs
-        if window_frames % multiple:
-            raise SeparationError(f"window_frames={window_frames} is not a multiple of {multiple}")
-        self.config = config
-        self.variables = jax.device_put(variables)
-        if not 0 < overlap_frames < window_frames:
-            raise SeparationError(f"overlap_frames={overlap_frames} must be in (0, window_frames)")
-        self.window_frames = window_frames
-        self.overlap_frames = overlap_frames
-        self.batch_size = batch_size
-        self._clip = clip
-        self._probabilities = jax.jit(functools.partial(_query_probabilities, config))
-        self._reconstruct = jax.jit(functools.partial(_masks_to_waveforms, config),
-                                    static_argnums=(2,))
-
-    @classmethod
-    def from_checkpoint(cls, path: str, *, model_kind: str | None = None, clip: Any = None,
-                        **kwargs) -> Separator:
-        """A model directory, a training workdir (its latest checkpoint) or a reference PyTorch
-        checkpoint file (``model_kind`` required)."""
-        from clipsep_jax.checkpoints import load_for_inference
-
-        try:
-            config, variables = load_for_inference(path, model_kind)
-        except (ValueError, OSError) as e:  # the message names the file and the problem
-            raise SeparationError(str(e)) from e
-        return cls(config, variables, clip, **kwargs)
-
-    @property
-    def clip(self):
-        if self._clip is None or isinstance(self._clip, str):
-            from clipsep_jax.clip import CLIP
-
-            self._clip = CLIP.from_pretrained(self._clip or self.config.query.clip_model)
-        return self._clip
-
-    def embed_queries(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
-        """Texts ("playing bagpipes" -> "a photo of playing bagpipes") or uint8 RGB images
-        -> CLIP embeddings [N, D]."""
-        from clipsep_jax.clip import text_prompt
-
-        if not queries:
-            raise SeparationError("no queries: give at least one text or image")
-        embeddings = []
-        for q in queries:
-            if isinstance(q, str):
-                if not q.strip():
-                    raise SeparationError("empty text query")
-                embeddings.append(self.clip.encode_text(
-                    [text_prompt(q, self.config.query.text_template)])[0])
-            else:
-                embeddings.append(self.clip.encode_image([np.asarray(q)])[0])
-        embeddings = np.stack(embeddings)
-        if embeddings.shape[1] != self.config.model.query_dim:
-            raise SeparationError(
-                f"CLIP gives {embeddings.shape[1]}-dim embeddings, the model takes "
-                f"{self.config.model.query_dim}")
-        return embeddings
-
-    def masks(self, mix_stft: np.ndarray, embeddings: np.ndarray, one_pass: bool = False):
-        """Mixture STFT [513, T] -> mask probabilities [N, F', T] on the model's frequency axis,
-        from overlapping windows (or one pass over the whole padded recording)."""
-        frames = mix_stft.shape[1]
-        magnitude = np.abs(mix_stft).astype(np.float32)
-        multiple = 2**self.config.model.num_downs
-        # A recording that fits one window runs as one window of its length rounded up to a
-        # bucket of 256 frames (a few compiled shapes, little padding).
-        bucket = -(-max(256, multiple) // multiple) * multiple
-        fitted = -(-frames // bucket) * bucket
-        one_pass = one_pass or fitted <= self.window_frames
-        if one_pass:
-            width = -(-frames // multiple) * multiple if fitted > self.window_frames else fitted
-            starts, window = [0], width
-        else:
-            window = self.window_frames
-            hop = window - self.overlap_frames
-            starts = list(range(0, max(frames - window, 0) + 1, hop))
-            if starts[-1] + window < frames:
-                starts.append(frames - window)
-        # Frames past the end repeat the recording backwards: zeros would be silence the model
-        # never heard next to sound (log(1e-10)), and would colour the last real frames.
-        extra = max(frames, starts[-1] + window) - frames
-        padded = np.pad(magnitude, ((0, 0), (0, extra)), mode="symmetric")
-        # Linear cross-fades over the overlaps, flat (weight 1) in between.
-        fade = np.linspace(0.0, 1.0, min(self.overlap_frames, window) + 2)[1:-1]
-        ramp = np.ones(window, np.float32)
-        if not one_pass:
-            ramp[: len(fade)] = fade
-            ramp[window - len(fade) :] = fade[::-1]
-        total = np.zeros((len(embeddings), self.config.audio.num_log_freq_bins
-                          if self.config.audio.log_freq else magnitude.shape[0], padded.shape[1]),
-                         np.float32)
-        weight = np.zeros(padded.shape[1], np.float32)
-        queries = jnp.asarray(embeddings[None], jnp.float32)
-        for i in range(0, len(starts), self.batch_size):
-            chunk = starts[i : i + self.batch_size]
-            windows = np.stack([padded[:, s : s + window] for s in chunk])
-            probs = np.asarray(self._probabilities(
-                self.variables, jnp.asarray(windows),
-                jnp.broadcast_to(queries, (len(chunk), *embeddings.shape))))
-            for s, p in zip(chunk, probs, strict=True):
-                total[:, :, s : s + window] += p * ramp
-                weight[s : s + window] += ramp
-        return total[:, :, :frames] / weight[:frames]
-
-    def separate_mono(self, waveform: np.ndarray, embeddings: np.ndarray,
-                      one_pass: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """16 kHz mono [S] -> (estimates [N, S], residual [S])."""
-        a = self.config.audio
-        length = len(waveform)
-        padded = np.pad(waveform.astype(np.float32), (0, max(0, a.n_fft - length)))
-        mix_stft = audio.stft_numpy(padded, n_fft=a.n_fft, hop_length=a.hop_length,
-                                    win_length=a.win_length)
-        probabilities = self.masks(mix_stft, embeddings, one_pass)
-        waves = np.asarray(self._reconstruct(jnp.asarray(probabilities), jnp.asarray(mix_stft),
-                                             len(padded)))[:, :length]
-        return waves[:-1], waves[-1]
-
-    def separate(self, waveform: np.ndarray, sample_rate: int,
-                 queries: Sequence[str | np.ndarray], *, channels: str = "each",
-                 one_pass: bool = False) -> dict[str, np.ndarray]:
-        """A recording [samples] or [samples, channels] at any rate -> {query: estimate,
-        ..., "residual": rest}, each like the input (rate, length, channels). Image queries are
-        keyed ``image_<i>``; ``channels``: "each" (per channel) or "downmix"."""
-        waveform = np.asarray(waveform, np.float32)
-        mono_input = waveform.ndim == 1
-        data = waveform[:, None] if mono_input else waveform
-        if data.ndim != 2 or data.shape[0] == 0:
-            raise SeparationError(f"expected audio [samples] or [samples, channels], got "
-                                  f"{waveform.shape}")
-        if not np.isfinite(data).all():
-            raise SeparationError("the recording contains NaN or infinite samples")
-        if channels not in ("each", "downmix"):
-            raise SeparationError(f"channels must be 'each' or 'downmix', got {channels!r}")
-        embeddings = self.embed_queries(queries)
-        rate = self.config.audio.sample_rate
-        lanes = [data.mean(axis=1)] if channels == "downmix" else list(data.T)
-        per_lane = []
-        for lane in lanes:
-            estimates, residual = self.separate_mono(audio.resample(lane, sample_rate, rate),
-                                                     embeddings, one_pass)
-            back = [_fit(audio.resample(x, rate, sample_rate), len(data))
-                    for x in [*estimates, residual]]
-            per_lane.append(back)
-        names = [q if isinstance(q, str) else f"image_{i}" for i, q in enumerate(queries)]
-        outputs = {}
-        for index, name in enumerate([*names, "residual"]):
-            stacked = np.stack([lane[index] for lane in per_lane], axis=1)
-            if channels == "downmix" and not mono_input:
-                stacked = np.repeat(stacked, data.shape[1], axis=1)
-            outputs[name] = stacked[:, 0] if mono_input else stacked
-        return outputs
-
-
-def _fit(x: np.ndarray, length: int) -> np.ndarray:
-    return x[:length] if len(x) >= length else np.pad(x, (0, length - len(x)))
-
-
-def _masks_to_waveforms(config, probabilities, mix_stft, length):
-    """Mask probabilities [N, F', T] and the mixture STFT [513, T] -> waveforms [N + 1, length]:
-    each query's binary mask, then the residual (1 - their union)."""
-    masks = with_residual(linear_masks(config, probabilities))
-    return masked_waveforms(config, masks, mix_stft, length)
-
-
-def _query_probabilities(config, variables, magnitudes, queries):
-    """[B, 513, W] magnitudes and [B, N, D] queries -> sigmoid mask probabilities [B, N, F', W]."""
-    out = forward(config, variables, magnitudes, queries)
-    return jax.nn.sigmoid(out["query_logits"].astype(jnp.float32))
 
 
 def _write_outputs(folder: Path, outputs: dict[str, np.ndarray], rate: int) -> None:
@@ -349,10 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             names.append(f"image_{Path(image_path).stem}")
         if not queries:
             raise SeparationError("no queries: give --text and/or --image")
-        separator = Separator.from_checkpoint(args.checkpoint or args.workdir,
-                                              model_kind=args.model_kind, clip=args.clip,
-                                              window_frames=args.window_frames,
-                                              overlap_frames=args.overlap_frames)
+        try:
+            config, variables = inference.load_for_inference(args.checkpoint or args.workdir,
+                                                             args.model_kind)
+        except (ValueError, OSError) as e:  # the message names the file and the problem
+            raise SeparationError(str(e)) from e
+        separator = get_family(config).separator(
+            config, variables, clip=args.clip, window_frames=args.window_frames,
+            overlap_frames=args.overlap_frames)
         inputs = _input_files(args.input)
         from tqdm import tqdm
 

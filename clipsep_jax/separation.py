@@ -14,8 +14,12 @@ import ml_collections
 
 from clipsep_jax import audio
 
-__all__ = ["binary_masks", "linear_masks", "with_residual", "masked_waveforms",
+__all__ = ["SeparationError", "binary_masks", "linear_masks", "with_residual", "masked_waveforms",
            "signal_to_distortion"]
+
+
+class SeparationError(ValueError):
+    """Bad input to separation: the message names the file or value."""
 
 
 def binary_masks(values: jax.Array, threshold: float = 0.5, *, logits: bool = True) -> jax.Array:

@@ -8,18 +8,24 @@ The mesh has two named axes:
   each large array is split along one dimension over ``fsdp`` and gathered where it is used;
   XLA inserts the collectives. With ``fsdp = 1`` (the default) parameters are replicated.
 
-BatchNorm statistics are replicated; because the model runs on the global batch array, its batch
-means are over the global batch.
+Model state (e.g. BatchNorm statistics) is replicated; because the model runs on the global
+batch array, its batch means are over the global batch.
+
+Several hosts: :func:`initialize_distributed` joins them (TPU pod slices, SLURM jobs, or an
+explicit coordinator); :func:`host_rows` and :func:`gather_objects` move per-example results
+to where they are reduced.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
@@ -30,6 +36,11 @@ __all__ = [
     "parameter_spec",
     "state_shardings",
     "global_batch",
+    "replicate",
+    "host_rows",
+    "gather_objects",
+    "wants_distributed",
+    "initialize_distributed",
 ]
 
 AXES = ("data", "fsdp")
@@ -39,13 +50,15 @@ BATCH_AXES = ("data", "fsdp")
 def make_mesh(
     config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None
 ) -> Mesh:
-    """A ``(data, fsdp)`` mesh over ``devices`` (default: every device of every host).
+    """A ``(data, fsdp)`` mesh of ``config.mesh`` over ``devices`` (default: every device of every
+    host). ``config`` may be the whole config or its ``mesh`` section.
 
-    ``config.mesh.data = -1`` takes whatever ``fsdp`` leaves.
+    ``mesh.data = -1`` takes whatever ``fsdp`` leaves.
     """
+    mesh_config = config.mesh if "mesh" in config else config
     devices = list(devices if devices is not None else jax.devices())
-    fsdp = int(config.mesh.fsdp)
-    data = int(config.mesh.data)
+    fsdp = int(mesh_config.fsdp)
+    data = int(mesh_config.data)
     if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
     if data == -1:
@@ -85,14 +98,17 @@ def parameter_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> Partitio
 
 
 def state_shardings(state: Any, mesh: Mesh, config: ml_collections.ConfigDict) -> Any:
-    """NamedShardings for a train state (or its ``jax.eval_shape``): parameters and Adam moments
-    by :func:`parameter_spec`, BatchNorm statistics and counters replicated."""
+    """NamedShardings for a train state (or its ``jax.eval_shape``): parameters, their EMA and
+    the optimizer's moments by :func:`parameter_spec`; the model state (``model_state``, e.g.
+    BatchNorm statistics), the rng key and counters replicated. ``config`` may be the whole
+    config or its ``mesh`` section."""
+    mesh_config = config.mesh if "mesh" in config else config
     fsdp = mesh.shape["fsdp"]
-    min_size = int(config.mesh.fsdp_min_size)
+    min_size = int(mesh_config.fsdp_min_size)
 
     def rule(path, leaf):
         names = {getattr(k, "name", getattr(k, "key", None)) for k in path}
-        if "batch_stats" in names or not hasattr(leaf, "shape"):
+        if names & {"model_state", "batch_stats", "rng"} or not hasattr(leaf, "shape"):
             return replicated(mesh)
         return NamedSharding(mesh, parameter_spec(tuple(leaf.shape), fsdp, min_size))
 
@@ -109,3 +125,63 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
         key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), value)
         for key, value in local_batch.items()
     }
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host arrays (the same on every host) -> global arrays replicated over ``mesh``."""
+    spec = replicated(mesh)
+
+    def place(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def host_rows(array: jax.Array) -> np.ndarray:
+    """The rows (leading axis) of a batch-sharded global array that this host's devices hold,
+    in global order, as numpy; rows held twice (replication over fsdp) are taken once."""
+    shards = {}
+    for shard in array.addressable_shards:
+        start = shard.index[0].start or 0
+        shards.setdefault(start, shard.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every host's ``value`` (any picklable object), in process order, on every host."""
+    if jax.process_count() == 1:
+        return [value]
+    payload = np.frombuffer(pickle.dumps(value), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int64(payload.size))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[: payload.size] = payload
+    gathered = multihost_utils.process_allgather(padded)
+    return [pickle.loads(gathered[i, : int(sizes[i])].tobytes())
+            for i in range(jax.process_count())]
+
+
+def wants_distributed(mode: str = "auto") -> bool:
+    """Whether to call ``jax.distributed.initialize()``: ``on``/``off``, or ``auto``: on TPU pod
+    slices (several TPU worker hostnames), under SLURM with several tasks, or when
+    ``JAX_COORDINATOR_ADDRESS`` is set."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--distributed={mode!r}: expected auto, on or off")
+    if mode != "auto":
+        return mode == "on"
+    return bool(
+        os.environ.get("JAX_COORDINATOR_ADDRESS")
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+    )
+
+
+def initialize_distributed(mode: str = "auto") -> None:
+    """Joins the hosts of a multi-host run (see :func:`wants_distributed`); a no-op otherwise.
+    ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo`` gives CPU hosts their collectives."""
+    if not wants_distributed(mode):
+        return
+    collectives = os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION")
+    if collectives:
+        jax.config.update("jax_cpu_collectives_implementation", collectives)
+    jax.distributed.initialize()

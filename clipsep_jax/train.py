@@ -1,14 +1,23 @@
-"""Training state, optimizer and the train step.
+"""Training, for every model family: the train state, the optimizer, the sharded step and the loop.
 
-The optimizer is the reference's: Adam with a learning rate that rises linearly from 0 over
-``lr_warmup_steps``, then falls linearly to ``lr_decay_end_multiplier`` times its peak at
-``lr_decay_end_step`` and stays there, after clipping gradients to a global norm of
-``grad_norm_clip``.
+The model family (``config.model.kind``, :mod:`clipsep_jax.families`) supplies the variables,
+the loss and the examples; everything here is the same for all of them.
+
+The optimizer clips gradients to a global norm of ``train.grad_norm_clip``, then runs Adam (AdamW
+when ``train.weight_decay`` > 0) with the learning rate ``train.learning_rate`` times the
+schedule ``train.lr_schedule``: ``warmup_linear`` (the reference's: a linear rise from 0 over
+``lr_warmup_steps``, then a linear fall to ``lr_decay_end_multiplier`` times the peak at
+``lr_decay_end_step``, flat after), ``warmup_cosine`` (optax's warm-up cosine decay to the same
+end value at the same step) or ``constant`` (after the same warm-up).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import signal
+import time
 from typing import Any
 
 import flax
@@ -17,15 +26,39 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
-from clipsep_jax.models import forward, init_variables
+from clipsep_jax import checkpoints, input_pipeline, sharding
+from clipsep_jax.config import validate as validate_config
+from clipsep_jax.families import Family, get_family
+from clipsep_jax.metric_writers import create_writer
+
+__all__ = [
+    "learning_rate_multiplier",
+    "learning_rate",
+    "make_optimizer",
+    "TrainState",
+    "create_train_state",
+    "train_step",
+    "sharded_train_state",
+    "sharded_train_step",
+    "NonFiniteLossError",
+    "train_and_evaluate",
+]
 
 
 def learning_rate_multiplier(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
-    """The reference's multiplier at optimizer step ``step`` (0 for the first update)."""
-    t = config.train
+    """The schedule's multiplier at optimizer step ``step`` (0 for the first update);
+    ``config`` is the whole config or its ``train`` section."""
+    t = config.train if "train" in config else config
     step = jnp.asarray(step, jnp.float32)
+    if t.lr_schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, 1.0, max(t.lr_warmup_steps, 1), max(t.lr_decay_end_step, t.lr_warmup_steps + 1),
+            end_value=t.lr_decay_end_multiplier)(step)
     rising = (step + 1.0) / max(t.lr_warmup_steps, 1)
+    if t.lr_schedule == "constant":
+        return jnp.minimum(rising, 1.0)
     position = (step - t.lr_warmup_steps) / max(t.lr_decay_end_step - t.lr_warmup_steps, 1)
     falling = 1.0 - (1.0 - t.lr_decay_end_multiplier) * position
     return jnp.where(
@@ -36,53 +69,56 @@ def learning_rate_multiplier(config: ml_collections.ConfigDict, step: jax.Array)
 
 
 def learning_rate(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
-    """Learning rate of optimizer step ``step``: peak times the reference's multiplier."""
-    return config.train.learning_rate * learning_rate_multiplier(config, step)
+    """Learning rate of optimizer step ``step``: peak times the schedule's multiplier."""
+    t = config.train if "train" in config else config
+    return t.learning_rate * learning_rate_multiplier(t, step)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping, then Adam with the reference's learning-rate schedule."""
-    t = config.train
-    return optax.chain(
-        optax.clip_by_global_norm(t.grad_norm_clip),
-        optax.adam(
-            lambda count: learning_rate(config, count),
-            b1=t.adam_b1,
-            b2=t.adam_b2,
-            eps=t.adam_eps,
-        ),
-    )
+    """Global-norm clipping, then Adam (AdamW with ``weight_decay``) on the schedule."""
+    t = config.train if "train" in config else config
+    schedule = functools.partial(learning_rate, t)
+    if t.weight_decay > 0:
+        adam = optax.adamw(schedule, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+                           weight_decay=t.weight_decay)
+    else:
+        adam = optax.adam(schedule, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps)
+    return optax.chain(optax.clip_by_global_norm(t.grad_norm_clip), adam)
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything a training step changes: step count, parameters, BatchNorm statistics, Adam."""
+    """Everything a training step changes.
+
+    step: optimizer steps taken; params: the trained parameters; model_state: the variables the
+    model updates itself (BatchNorm statistics: ``{"batch_stats": ...}``; ``{}`` if none);
+    opt_state: the optimizer's; rng: a PRNG key (uint32 [2]) folded with the step for each
+    step's randomness; ema_params: the parameters' exponential moving average (``{}`` unless
+    ``train.ema_decay`` > 0).
+    """
 
     step: jax.Array
     params: Any
-    batch_stats: Any
+    model_state: Any
     opt_state: Any
+    rng: jax.Array
+    ema_params: Any
 
 
 def create_train_state(
     config: ml_collections.ConfigDict, rng: jax.Array, optimizer: optax.GradientTransformation
 ) -> TrainState:
-    variables = init_variables(config, rng)
+    """A fresh state: the family's variables initialised from ``rng``, the step rng from
+    ``train.seed``."""
+    variables = dict(get_family(config).init_variables(config, rng))
+    params = variables.pop("params")
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        opt_state=optimizer.init(variables["params"]),
+        params=params,
+        model_state=variables,
+        opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(config.train.seed + 1),
+        ema_params=params if config.train.ema_decay > 0 else {},
     )
-
-
-def training_queries(config: ml_collections.ConfigDict, batch: dict, step: jax.Array):
-    """The queries of this step: ``batch["queries"]``, or for hybrid training image queries on
-    even steps and text queries on odd steps (the reference's alternation)."""
-    if "queries" in batch or config.model.kind == "pit":
-        return batch.get("queries")
-    if config.query.mode == "hybrid":
-        return jnp.where(step % 2 == 0, batch["image_queries"], batch["text_queries"])
-    return batch[f"{config.query.mode}_queries"]
 
 
 def train_step(
@@ -91,32 +127,29 @@ def train_step(
     state: TrainState,
     batch: dict,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step on ``batch`` = {mag_mix [B, 513, T], mags [B, N, 513, T], queries}
-    (or ``image_queries`` / ``text_queries`` [B, N, D], chosen by :func:`training_queries`).
+    """One optimizer step on a batch of the family's training examples.
 
-    Pure: jit it with ``config`` and ``optimizer`` closed over. Returns the new state and metrics
-    (``loss``, ``grad_norm``, ``learning_rate``).
+    Pure: jit it with ``config`` and ``optimizer`` closed over. Returns the new state and the
+    metrics: ``loss``, ``grad_norm``, ``learning_rate`` and whatever the family's loss reports.
     """
-
-    queries = training_queries(config, batch, state.step)
+    family = get_family(config)
+    rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        out = forward(
-            config, variables, batch["mag_mix"], queries, batch["mags"],
-            train=True, step=state.step,
-        )
-        return out["loss"], out["batch_stats"]
+        return family.loss(config, params, state.model_state, batch, rng, state.step)
 
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if config.train.ema_decay > 0:
+        ema_params = optax.incremental_update(params, state.ema_params,
+                                              1.0 - config.train.ema_decay)
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                              opt_state=opt_state, ema_params=ema_params)
     metrics = {
+        **metrics,
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": learning_rate(config, state.step),
@@ -129,8 +162,6 @@ def sharded_train_state(
     mesh: jax.sharding.Mesh,
 ) -> tuple[TrainState, Any]:
     """A train state created directly in its shards on ``mesh``; returns (state, shardings)."""
-    from clipsep_jax import sharding
-
     create = functools.partial(create_train_state, config, optimizer=optimizer)
     shardings = sharding.state_shardings(jax.eval_shape(create, rng), mesh, config)
     state = jax.jit(create, out_shardings=shardings)(rng)
@@ -144,13 +175,52 @@ def sharded_train_step(
     """:func:`train_step` jit-compiled for ``mesh``: the state keeps ``state_shardings`` and is
     donated; the batch comes as global arrays (:func:`clipsep_jax.sharding.global_batch`);
     metrics are replicated."""
-    from clipsep_jax import sharding
-
     return jax.jit(
         functools.partial(train_step, config, optimizer),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _validation_sums(family: Family, config: ml_collections.ConfigDict, variables: dict,
+                     batch: dict) -> tuple[dict, Any]:
+    """The family's validation step with its per-example values reduced over the batch's valid,
+    finite entries -> ({name: (sum, count)}, summary)."""
+    out = family.validation_step(config, variables, batch)
+    valid = batch["valid"] > 0
+    sums = {}
+    for name, values in out["per_example"].items():
+        counted = valid & jnp.isfinite(values)
+        sums[name] = (jnp.sum(jnp.where(counted, values, 0.0)), jnp.sum(counted))
+    return sums, out.get("summary")
+
+
+def validate(config: ml_collections.ConfigDict, family: Family, variables: dict,
+             transform: Any, size: int, mesh: jax.sharding.Mesh,
+             step_fn: Any) -> tuple[dict, dict]:
+    """Means of the family's per-example validation values over ``size`` examples (every host
+    reads its rows; each example counted once) -> (``validation_<name>`` scalars, the first
+    batch's summaries for TensorBoard)."""
+    limit = config.train.num_validation_examples or size
+    size = min(limit, size)
+    totals: dict[str, list[float]] = {}
+    summary = None
+    for batch in input_pipeline.sharded_batches(transform, size, config.train.batch_size, mesh):
+        sums, batch_summary = step_fn(variables, batch)
+        for name, (total, count) in sums.items():
+            entry = totals.setdefault(name, [0.0, 0])
+            entry[0] += float(total)
+            entry[1] += int(count)
+        if summary is None:
+            summary = batch_summary
+    scalars = {f"validation_{name}": total / count if count else float("nan")
+               for name, (total, count) in totals.items()}
+    summaries = family.validation_summaries(config, jax.device_get(summary)) if summary else {}
+    return scalars, summaries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,167 +231,75 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped on a NaN or infinite loss; the message names the last good checkpoint."""
 
 
-def eval_step(config: ml_collections.ConfigDict, state: TrainState, batch: dict) -> dict:
-    """Evaluation-mode forward on ``batch``: loss and query mask logits [B, N, F', T]."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    out = forward(config, variables, batch["mag_mix"], batch.get("queries"), batch["mags"])
-    return {"loss": out["loss"], "query_logits": out["query_logits"]}
+class _StopSignal:
+    """Records SIGTERM (pre-emption) while installed; on several hosts they agree on whether any
+    of them got it, so all stop at the same step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = None
+
+    def __enter__(self) -> _StopSignal:
+        self.previous = signal.signal(signal.SIGTERM, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum
+
+    def any_host(self) -> bool:
+        if jax.process_count() == 1:
+            return self.received is not None
+        flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+        return bool(np.any(flags))
 
 
-def _checkpoint_manager(config: ml_collections.ConfigDict, directory: str):
-    import orbax.checkpoint as ocp
-
-    policies = ocp.checkpoint_managers
-    preservation = policies.AnyPreservationPolicy([
-        policies.LatestN(n=config.train.keep_checkpoints),
-        policies.BestN(get_metric_fn=lambda m: m["validation_loss"], reverse=True, n=1,
-                       keep_checkpoints_without_metrics=False),
-    ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=preservation,
-                                           enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(directory, options=options,
-                                 item_names=("state", "data"))
-
-
-def _save(manager, step: int, state: TrainState, iterator, metrics: dict | None = None) -> None:
-    import grain
-    import orbax.checkpoint as ocp
-
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)),
-        metrics=metrics, force=True)
-
-
-def _restore(manager, step: int, abstract_state, iterator):
-    import grain
-    import orbax.checkpoint as ocp
-
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(iterator)))
-    return restored["state"]
-
-
-def validate(
-    config: ml_collections.ConfigDict, state: TrainState, dataset, mesh, eval_fn, separate_fn,
-) -> tuple[dict, dict]:
-    """Validation loss over the split (full batches) and plain SDR of a fixed subset with image
-    and text queries; returns (scalars, summaries of the first few examples)."""
-    from clipsep_jax import input_pipeline, sharding
-    from clipsep_jax.separation import signal_to_distortion
-
-    devices = mesh.devices.size
-    batch_size = min(config.train.batch_size, len(dataset) // devices * devices)
-    if batch_size == 0:
-        print(f"validation skipped: {len(dataset)} examples for {devices} devices", flush=True)
-        return {}, {}
-    limit = config.train.num_validation_examples or len(dataset)
-    limit = min(limit, len(dataset)) // batch_size * batch_size
-    sdr_limit = min(config.train.validation_sdr_examples, limit)
-    losses, sdr, summaries, mixture_sdr = [], {"image": [], "text": []}, {}, []
-    modes = ["image", "text"] if config.model.kind not in ("pit", "labelsep") else ["image"]
-    for start in range(0, limit, batch_size):
-        examples = [dataset[i] for i in range(start, start + batch_size)]
-        batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-        for mode in modes:
-            inputs = sharding.global_batch(input_pipeline.model_batch(config, batch, mode), mesh)
-            out = eval_fn(state, inputs)
-            if mode == config.query.mode or (config.query.mode == "hybrid" and mode == "image"):
-                losses.append(float(out["loss"]))
-            if start < sdr_limit:
-                # A silent queried source has no SDR; it is left out, as in the evaluation.
-                audible = np.abs(batch["waveforms"][:, 0]).sum(-1) > 1e-5
-                if mode == modes[0]:  # the mixture itself scored as the estimate: the baseline
-                    mixture = np.broadcast_to(batch["waveforms"].sum(1, keepdims=True),
-                                              batch["waveforms"].shape)
-                    mixture_sdr.append(np.asarray(
-                        signal_to_distortion(batch["waveforms"], mixture))[:, 0][audible])
-                mix = batch["mix_stft"][..., 0] + 1j * batch["mix_stft"][..., 1]
-                waves = np.asarray(separate_fn(out["query_logits"], mix))
-                values = np.asarray(signal_to_distortion(batch["waveforms"], waves))[:, 0]
-                sdr[mode].append(values[audible])
-                if start == 0 and mode == modes[0]:
-                    summaries = _summaries(config, batch, out, waves)
-    scalars = {"validation_loss": float(np.mean(losses)) if losses else float("nan")}
-    for mode, values in sdr.items():
-        if values and len(np.concatenate(values)):
-            scalars[f"validation_sdr_{mode}"] = float(np.mean(np.concatenate(values)))
-    if mixture_sdr and len(np.concatenate(mixture_sdr)):
-        scalars["validation_sdr_mixture"] = float(np.mean(np.concatenate(mixture_sdr)))
-    return scalars, summaries
-
-
-def _summaries(config, batch: dict, out: dict, waves: np.ndarray) -> dict:
-    from clipsep_jax import audio
-    from clipsep_jax.pictures import spectrogram_picture
-    from clipsep_jax.separation import binary_masks
-
-    count = min(config.train.num_summary_examples, len(batch["mag_mix"]))
-    images, audios = {}, {}
-    mix_log = np.asarray(audio.warp_to_log_frequency(jnp.asarray(batch["mag_mix"][:count])))
-    masks = np.asarray(binary_masks(out["query_logits"][:count]))
-    for i in range(count):
-        images[f"example_{i}/mixture"] = spectrogram_picture(np.log1p(mix_log[i]))
-        images[f"example_{i}/mask"] = spectrogram_picture(masks[i, 0])
-        audios[f"example_{i}/mixture"] = batch["waveforms"][i].sum(0)[None, :, None]
-        audios[f"example_{i}/separated"] = waves[i, :1, :, None]
-        audios[f"example_{i}/source"] = batch["waveforms"][i, :1, :, None]
-    return {"images": images, "audios": audios}
+def _variables(state: TrainState) -> dict:
+    """The variables validation and evaluation use: the EMA parameters when kept."""
+    params = state.ema_params if jax.tree_util.tree_leaves(state.ema_params) else state.params
+    return {"params": params, **state.model_state}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config`` with checkpoints, logs and validation in ``workdir``; resumes from the
-    last checkpoint there. Returns the final state."""
-    import json
-    import os
-    import signal
-    import time
+    last checkpoint there. Every host runs this. Returns the final state.
 
-    from clipsep_jax import input_pipeline, sharding
-    from clipsep_jax.config import validate as validate_config
-    from clipsep_jax.metric_writers import create_writer
-    from clipsep_jax.separation import linear_masks, masked_waveforms
-
+    ``workdir/config.json`` is written once the state exists (restored or new), so a failed
+    start leaves an existing run's files as they were."""
     validate_config(config)
+    family = get_family(config)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    writer = create_writer(os.path.join(workdir, "logs"), is_main_process=is_main)
-    writer.write_hparams(dict(_flatten(config.to_dict())))
     mesh = sharding.make_mesh(config)
+    t = config.train
 
-    train_source, metadata = input_pipeline.open_split(config, config.data.train_split)
-    val_source, _ = input_pipeline.open_split(config, config.data.val_split)
-    train_data = input_pipeline.training_dataset(
-        config, train_source, metadata, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    val_data = input_pipeline.evaluation_dataset(config, val_source, metadata,
-                                                 seed=config.train.seed)
-    iterator = iter(train_data)
+    train_source, metadata = input_pipeline.open_split(config.data, config.data.train_split)
+    val_source, _ = input_pipeline.open_split(config.data, config.data.val_split)
+    batches = input_pipeline.training_batches(
+        config, family.training_transform(config, train_source, metadata), len(train_source),
+        mesh)
+    val_transform = family.validation_transform(config, val_source, metadata)
 
     optimizer = make_optimizer(config)
-    state, shardings = sharded_train_state(
-        config, jax.random.PRNGKey(config.train.seed), optimizer, mesh)
+    state, shardings = sharded_train_state(config, jax.random.PRNGKey(t.seed), optimizer, mesh)
     step_fn = sharded_train_step(config, optimizer, mesh, shardings)
-    eval_fn = jax.jit(functools.partial(eval_step, config),
-                      out_shardings=sharding.replicated(mesh))
-    length = config.audio.crop_samples
-    separate_fn = jax.jit(
-        lambda logits, mix: masked_waveforms(
-            config, linear_masks(config, jax.nn.sigmoid(logits.astype(jnp.float32))), mix,
-            length))
+    validation_fn = jax.jit(functools.partial(_validation_sums, family, config),
+                            out_shardings=sharding.replicated(mesh))
 
-    manager = _checkpoint_manager(config, os.path.join(os.path.abspath(workdir), "checkpoints"))
-    if manager.latest_step() is not None:
-        abstract = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-        state = _restore(manager, manager.latest_step(), abstract, iterator)
-        print(f"resumed from step {int(state.step)} in {manager.directory}", flush=True)
+    saved = checkpoints.TrainingCheckpoints(workdir, t.keep_checkpoints)
+    if saved.latest_step() is not None:
+        state = saved.restore(saved.latest_step(), state, batches.grain_iterator)
+        print(f"resumed from step {int(state.step)} in {saved.directory}", flush=True)
+    if is_main:
+        checkpoints.write_config(workdir, config)
     start_step = int(state.step)
+    writer = create_writer(os.path.join(workdir, "logs"), is_main_process=is_main)
+    if start_step == 0:
+        writer.write_hparams(dict(_flatten(config.to_dict())))
 
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
     log_path = os.path.join(workdir, "train_log.jsonl")
-    t = config.train
     history: list[dict] = []
     timer = time.perf_counter()
     timer_step = start_step
@@ -331,11 +309,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         step, metrics = step_and_metrics
         values = {k: float(v) for k, v in metrics.items()}
         if not np.isfinite(values["loss"]):
-            manager.wait_until_finished()
-            last = manager.latest_step()
+            saved.wait()
+            last = saved.latest_step()
             raise NonFiniteLossError(
                 f"loss is {values['loss']} at step {step}; training stopped. The last good "
-                f"checkpoint is step {last} in {manager.directory}"
+                f"checkpoint is step {last} in {saved.directory}"
                 if last is not None else
                 f"loss is {values['loss']} at step {step}; training stopped before any "
                 "checkpoint was written")
@@ -343,72 +321,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         del history[: -t.log_every_steps]
         return values
 
+    def append_log(record: dict) -> None:
+        if is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     try:
-        for step in range(start_step + 1, t.num_steps + 1):
-            if step == t.profile_start_step:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            batch = next(iterator)
-            inputs = sharding.global_batch(input_pipeline.model_batch(config, batch), mesh)
-            state, metrics = step_fn(state, inputs)
+        with _StopSignal() as stop:
+            for step in range(start_step + 1, t.num_steps + 1):
+                if step == t.profile_start_step:
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                state, metrics = step_fn(state, next(batches))
+                if pending is not None:
+                    check(pending)
+                pending = (step, metrics)
+                if t.profile_start_step >= 0 and step == t.profile_start_step + t.profile_num_steps:
+                    jax.profiler.stop_trace()
+                stopping = stop.any_host()
+                checkpoint_now = step % t.checkpoint_every_steps == 0 or step == t.num_steps
+                validate_now = step % t.validation_every_steps == 0 or step == t.num_steps
+                if step % t.log_every_steps == 0 or checkpoint_now or stopping:
+                    check(pending)
+                    pending = None
+                    window = [h for h in history if h["step"] > step - t.log_every_steps]
+                    elapsed = time.perf_counter() - timer
+                    rate = (step - timer_step) / max(elapsed, 1e-9)
+                    scalars = {
+                        **{k: v for k, v in window[-1].items() if k != "step"},
+                        "loss": float(np.mean([h["loss"] for h in window])),
+                        "steps_per_s": rate,
+                        "examples_per_s": rate * t.batch_size,
+                    }
+                    writer.write_scalars(step, scalars)
+                    eta = (t.num_steps - step) / max(rate, 1e-9)
+                    append_log({"step": step, **scalars, "loss": window[-1]["loss"]})
+                    if is_main:
+                        print(f"step {step}/{t.num_steps}  loss {scalars['loss']:.4f}  "
+                              f"{rate:.2f} steps/s  {rate * t.batch_size:.1f} examples/s  "
+                              f"ETA {eta / 60:.1f} min", flush=True)
+                    timer, timer_step = time.perf_counter(), step
+                val_scalars = None
+                if validate_now:
+                    val_scalars, summaries = validate(config, family, _variables(state),
+                                                      val_transform, len(val_source), mesh,
+                                                      validation_fn)
+                    if val_scalars:
+                        writer.write_scalars(step, val_scalars)
+                    if summaries:
+                        writer.write_images(step, summaries["images"])
+                        writer.write_audios(step, summaries["audios"],
+                                            sample_rate=config.audio.sample_rate)
+                    append_log({"step": step, **val_scalars})
+                    if is_main:
+                        print(f"step {step}  " + "  ".join(
+                            f"{k} {v:.3f}" for k, v in val_scalars.items()), flush=True)
+                if checkpoint_now or validate_now or stopping:
+                    saved.save(step, state, batches.grain_iterator, val_scalars)
+                if stopping:
+                    print(f"SIGTERM: saved step {step}; stopping", flush=True)
+                    break
             if pending is not None:
                 check(pending)
-            pending = (step, metrics)
-            if t.profile_start_step >= 0 and step == t.profile_start_step + t.profile_num_steps:
-                jax.profiler.stop_trace()
-            checkpoint_now = step % t.checkpoint_every_steps == 0 or step == t.num_steps
-            validate_now = step % t.validation_every_steps == 0 or step == t.num_steps
-            if step % t.log_every_steps == 0 or checkpoint_now or stop["signal"]:
-                check(pending)
-                pending = None
-                window = [h for h in history if h["step"] > step - t.log_every_steps]
-                elapsed = time.perf_counter() - timer
-                rate = (step - timer_step) / max(elapsed, 1e-9)
-                scalars = {
-                    "loss": float(np.mean([h["loss"] for h in window])),
-                    "grad_norm": window[-1]["grad_norm"],
-                    "learning_rate": window[-1]["learning_rate"],
-                    "steps_per_s": rate,
-                    "examples_per_s": rate * t.batch_size,
-                }
-                writer.write_scalars(step, scalars)
-                eta = (t.num_steps - step) / max(rate, 1e-9)
-                if is_main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, "loss": window[-1]["loss"],
-                                            **{k: v for k, v in scalars.items()
-                                               if k != "loss"}}) + "\n")
-                    print(f"step {step}/{t.num_steps}  loss {scalars['loss']:.4f}  "
-                          f"{rate:.2f} steps/s  {rate * t.batch_size:.1f} examples/s  "
-                          f"ETA {eta / 60:.1f} min", flush=True)
-                timer, timer_step = time.perf_counter(), step
-            val_scalars = None
-            if validate_now:
-                val_scalars, summaries = validate(config, state, val_data, mesh, eval_fn,
-                                                  separate_fn)
-                if val_scalars:
-                    writer.write_scalars(step, val_scalars)
-                if summaries:
-                    writer.write_images(step, summaries["images"])
-                    writer.write_audios(step, summaries["audios"],
-                                        sample_rate=config.audio.sample_rate)
-                if is_main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, **val_scalars}) + "\n")
-                    print(f"step {step}  " + "  ".join(
-                        f"{k} {v:.3f}" for k, v in val_scalars.items()), flush=True)
-            if checkpoint_now or validate_now or stop["signal"]:
-                _save(manager, step, state, iterator,
-                      {"validation_loss": val_scalars["validation_loss"]}
-                      if val_scalars and np.isfinite(val_scalars["validation_loss"]) else None)
-            if stop["signal"]:
-                print(f"SIGTERM: saved step {step}; stopping", flush=True)
-                break
-        if pending is not None:
-            check(pending)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        manager.wait_until_finished()
-        manager.close()
+        saved.close()
         writer.flush()
     return state
 

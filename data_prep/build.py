@@ -28,9 +28,13 @@ import shlex
 import sys
 import time
 
+import tensorflow_datasets as tfds
 from absl import app, flags
 
-from clipsep_jax.clip import DEFAULT_CLIP, TEXT_TEMPLATE
+from clipsep_jax.encoders.clip import DEFAULT_CLIP, TEXT_TEMPLATE
+from data_prep.builders import BUILDERS, InputOptions, clear_work_dir, skip_summary
+from data_prep.extract import ExtractOptions
+from data_prep.sources import detect_layout
 
 _DATASET = flags.DEFINE_enum("dataset", None, ["music", "vggsound"], "Which dataset to build.")
 _MANUAL_DIR = flags.DEFINE_string(
@@ -106,12 +110,6 @@ _BEAM_OPTIONS = flags.DEFINE_string(
 
 def build_dataset(argv_flags=None) -> tuple:
     """Builds the dataset the flags describe; returns (builder, seconds)."""
-    import tensorflow_datasets as tfds
-
-    from data_prep.builders import BUILDERS, InputOptions, clear_work_dir
-    from data_prep.extract import ExtractOptions
-    from data_prep.sources import detect_layout
-
     for name, value in (("--manual_dir", _MANUAL_DIR.value), ("--data_dir", _DATA_DIR.value)):
         if not value:
             raise app.UsageError(f"{name} is required")
@@ -154,7 +152,7 @@ def build_dataset(argv_flags=None) -> tuple:
         clear_work_dir(builder.work_dir)
     beam_runner = beam_options = None
     if use_beam:
-        import apache_beam as beam
+        import apache_beam as beam  # optional ([beam] extra); only Beam runs need it
 
         beam_options = beam.options.pipeline_options.PipelineOptions(
             shlex.split(_BEAM_OPTIONS.value or "")
@@ -179,8 +177,6 @@ def build_dataset(argv_flags=None) -> tuple:
 
 def print_summary(builder, seconds: float) -> None:
     """Examples per split, skips per reason, repairs, throughput and bytes per 10 s clip."""
-    from data_prep.builders import skip_summary
-
     info = builder.info
     total = sum(s.num_examples for s in info.splits.values())
     print(f"\n{builder.name} {builder.version} in {os.fspath(builder.data_path)}")

@@ -38,11 +38,12 @@ try:  # optional: only the Beam path needs it
 except ImportError:  # pragma: no cover
     beam = None
 
-from clipsep_jax.clip import CLIP, DEFAULT_CLIP
+from clipsep_jax.encoders.clip import CLIP, DEFAULT_CLIP
 from data_prep.extract import ExtractedClip, ExtractOptions, Extractor, make_example
+from data_prep.media import require_ffmpeg
 from data_prep.sources import ClipSource, Skip, detect_layout, read_index, read_videos
 
-__all__ = ["Music", "Vggsound", "SynthMusic", "BUILDERS", "features", "skip_summary"]
+__all__ = ["ClipDatasetBuilder", "Music", "Vggsound", "BUILDERS", "features", "skip_summary"]
 
 _STFT_LAYOUT = (
     "stft[t, f] = (real, imag) of the centred STFT (Hann, reflect padding) of the whole "
@@ -102,7 +103,7 @@ class InputOptions:
     trim_videos: bool = False
 
 
-class _ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
+class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     """Shared by ``music`` and ``vggsound``; see the module docstring."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -161,7 +162,6 @@ class _ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         if layout == "index":
             return read_index(manual_dir, self.inputs.root)
         if layout == "videos":
-            from data_prep.media import require_ffmpeg
 
             require_ffmpeg()
             return read_videos(
@@ -348,7 +348,7 @@ def skip_summary(skips: Sequence[Skip]) -> dict[str, int]:
 # Beam
 
 
-def _beam_transform(builder: _ClipDatasetBuilder, split: str, sources: Sequence[ClipSource]):
+def _beam_transform(builder: ClipDatasetBuilder, split: str, sources: Sequence[ClipSource]):
     if beam is None:
         raise ImportError("building with Beam needs apache-beam: pip install 'clipsep-jax[beam]'")
     settings = dict(
@@ -404,43 +404,16 @@ if beam is not None:
                     yield source.clip_id, make_example(result, text, self.options)
 
 
-class Music(_ClipDatasetBuilder):
+class Music(ClipDatasetBuilder):
     """MUSIC (solo): 11 instruments, 1-4 minute YouTube videos (Zhao et al., 2018)."""
 
 
-class Vggsound(_ClipDatasetBuilder):
+class Vggsound(ClipDatasetBuilder):
     """VGGSound: about 200k 10-second YouTube clips in 309 classes (Chen et al., 2020)."""
 
 
-class SynthMusic(_ClipDatasetBuilder):
-    """MUSIC's 11 instruments playing random melodies, rendered here from a General MIDI
-    soundfont, with generated class scenes as video frames (:mod:`data_prep.synth_music`).
-
-    Needs no input: the clips are rendered into the work folder, then extracted as ``music``.
-    """
-
-    MANUAL_DOWNLOAD_INSTRUCTIONS = None
-
-    def __init__(self, *, clips_per_class: Sequence[int] = (16, 3, 4), seconds: float = 8.0,
-                 seed: int = 0, **kwargs):
-        self.clips_per_class = tuple(int(c) for c in clips_per_class)
-        self.seconds = float(seconds)
-        self.seed = int(seed)
-        super().__init__(**kwargs)
-
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        from data_prep import synth_music
-
-        name = "rendered-{}-{}s-seed{}".format("x".join(map(str, self.clips_per_class)),
-                                                self.seconds, self.seed)
-        tree = synth_music.write_tree(os.path.join(self.work_dir, name), self.clips_per_class,
-                                      self.seconds, self.seed, self.options.sample_rate)
-        self.info.metadata.update({"synth_clips_per_class": list(self.clips_per_class),
-                                   "synth_seconds": self.seconds, "synth_seed": self.seed})
-        return self._splits_from(os.fspath(tree))
-
-
-BUILDERS = {"music": Music, "vggsound": Vggsound, "synth_music": SynthMusic}
+# The builders that read inputs; data_prep.build adds data_prep.synth_music's SynthMusic.
+BUILDERS = {"music": Music, "vggsound": Vggsound}
 
 
 def clear_work_dir(path: str) -> None:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from clipsep_jax import audio
-from clipsep_jax.clip import CLIP, TEXT_TEMPLATE, text_prompt
+from clipsep_jax.encoders.clip import CLIP, TEXT_TEMPLATE, text_prompt
 from data_prep import media
 from data_prep.sources import ClipSource, Skip
 

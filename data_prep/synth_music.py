@@ -5,7 +5,7 @@ the General MIDI soundfont that ships with pretty_midi (TimGM6mb.sf2) by tinysou
 video frames at 1 fps showing a class-specific scene (colours, a pattern and a prop, varied per
 clip and moving per frame). :func:`write_tree` writes the clips in the reference's index layout
 (``train.csv``, ``val.csv``, ``test.csv`` naming WAV files and frame folders); the TFDS builder
-``synth_music`` (:mod:`data_prep.builders`) renders that tree into its work folder and then
+``synth_music`` (:class:`SynthMusic`, below) renders that tree into its work folder and then
 extracts it exactly as the ``music`` builder does (same features, same CLIP frame-embedding
 path), so training and evaluation run unchanged.
 
@@ -17,16 +17,28 @@ the whole dataset is a function of the seed.
 
 from __future__ import annotations
 
+import colorsys
 import csv
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pretty_midi
+import soundfile
+import tensorflow_datasets as tfds
+from huggingface_hub import snapshot_download
+from PIL import Image
+
+from clipsep_jax.encoders.clip import CLIP
+from clipsep_jax.encoders.clip_towers import CLIPConfig, TowerConfig
+from data_prep.builders import ClipDatasetBuilder
+from data_prep.extract import ExtractOptions
 
 __all__ = ["INSTRUMENTS", "SPLITS", "soundfont_path", "render_melody", "scene_frames",
-           "write_tree"]
+           "write_tree", "SynthMusic", "resolve_clip", "prepare", "prepare_for_config"]
 
 # label -> (General MIDI program, 0-based; lowest and highest MIDI note played)
 INSTRUMENTS: dict[str, tuple[int, int, int]] = {
@@ -50,7 +62,6 @@ _NOTE_WEIGHTS = (0.1, 0.35, 0.1, 0.25, 0.1, 0.1)
 
 def soundfont_path() -> str:
     """pretty_midi's General MIDI soundfont (TimGM6mb.sf2)."""
-    import pretty_midi
 
     path = os.path.join(os.path.dirname(pretty_midi.__file__), "TimGM6mb.sf2")
     if not os.path.isfile(path):
@@ -90,6 +101,8 @@ def render_melody(label: str, rng: np.random.Generator, seconds: float,
                   sample_rate: int = 16000, soundfont: str | None = None) -> np.ndarray:
     """A random melody of ``label``'s instrument: float32 mono [seconds * sample_rate], peak
     between 0.4 and 0.9."""
+    # tinysoundfont (and the PyAudio it declares) is needed only to render: imported here so
+    # that reading a built dataset does not need it.
     import tinysoundfont
 
     program, low, high = INSTRUMENTS[label]
@@ -124,7 +137,6 @@ def render_melody(label: str, rng: np.random.Generator, seconds: float,
 
 def _class_palette(index: int) -> tuple[np.ndarray, np.ndarray]:
     """Two RGB colours (background, prop) of class ``index``, far apart in hue."""
-    import colorsys
 
     hue = index / len(INSTRUMENTS)
     background = np.array(colorsys.hsv_to_rgb(hue, 0.55, 0.8)) * 255
@@ -169,8 +181,6 @@ def write_tree(folder: str | Path, clips_per_class: tuple[int, int, int] = (16, 
     """Renders the dataset's input tree into ``folder`` (index layout, see the module docs):
     ``clips_per_class`` (train, val, test) clips of ``seconds`` per instrument. Written under a
     temporary name and renamed; a finished tree is left as it is."""
-    import soundfile
-    from PIL import Image
 
     folder = Path(folder).absolute()
     if (folder / "test.csv").is_file():
@@ -213,6 +223,33 @@ def write_tree(folder: str | Path, clips_per_class: tuple[int, int, int] = (16, 
     return folder
 
 
+class SynthMusic(ClipDatasetBuilder):
+    """MUSIC's 11 instruments playing random melodies, rendered here from a General MIDI
+    soundfont, with generated class scenes as video frames (this module).
+
+    Needs no input: the clips are rendered into the work folder, then extracted as ``music``.
+    """
+
+    MANUAL_DOWNLOAD_INSTRUCTIONS = None
+
+    def __init__(self, *, clips_per_class: Sequence[int] = (16, 3, 4), seconds: float = 8.0,
+                 seed: int = 0, **kwargs):
+        self.clips_per_class = tuple(int(c) for c in clips_per_class)
+        self.seconds = float(seconds)
+        self.seed = int(seed)
+        super().__init__(**kwargs)
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        name = "rendered-{}-{}s-seed{}".format("x".join(map(str, self.clips_per_class)),
+                                                self.seconds, self.seed)
+        tree = write_tree(os.path.join(self.work_dir, name), self.clips_per_class,
+                                      self.seconds, self.seed, self.options.sample_rate)
+        self.info.metadata.update({"synth_clips_per_class": list(self.clips_per_class),
+                                   "synth_seconds": self.seconds, "synth_seed": self.seed})
+        return self._splits_from(os.fspath(tree))
+
+
+
 def resolve_clip(clip: str, data_dir: str | Path) -> str:
     """``clip`` when it is a local folder or a hub id already in the local Hugging Face cache;
     otherwise a random-weight small CLIP (ViT-B/32's 512-dim embeddings), created once in
@@ -220,16 +257,12 @@ def resolve_clip(clip: str, data_dir: str | Path) -> str:
     if os.path.isdir(clip):
         return clip
     try:
-        from huggingface_hub import snapshot_download
-
         return snapshot_download(clip, local_files_only=True,
                                  allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"])
     except Exception:  # not cached (or no hub library): the offline stand-in
         pass
     folder = Path(data_dir).absolute() / "_clip" / "random-small"
     if not (folder / "config.json").is_file():
-        from clipsep_jax.clip import CLIP
-        from clipsep_jax.models.clip import CLIPConfig, TowerConfig
 
         config = CLIPConfig(
             vision=TowerConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -247,10 +280,7 @@ def prepare(data_dir: str | Path, *, clip: str, clips_per_class=(16, 3, 4), seco
             seed: int = 0, min_samples: int = 16383, progress: bool = True):
     """Builds the ``synth_music`` TFDS dataset in ``data_dir`` unless it is there; returns the
     builder (its ``info.metadata['clip']`` names the CLIP that embedded the frames)."""
-    import tensorflow_datasets as tfds
 
-    from data_prep.builders import SynthMusic
-    from data_prep.extract import ExtractOptions
 
     builder = SynthMusic(data_dir=os.fspath(data_dir), clip=clip, clips_per_class=clips_per_class,
                          seconds=seconds, seed=seed,
@@ -264,11 +294,9 @@ def prepare(data_dir: str | Path, *, clip: str, clips_per_class=(16, 3, 4), seco
 
 def prepare_for_config(config) -> None:
     """The demo's first step: builds ``config.data`` (synth_music) if it is missing, then points
-    ``config.query.clip_model`` at the CLIP that embedded its frames (the text queries must come
+    ``config.query.encoder_model`` at the CLIP that embedded its frames (the text queries must come
     from the same CLIP). A dataset built with other synth settings is refused, not reused."""
-    import tensorflow_datasets as tfds
 
-    from data_prep.builders import SynthMusic
 
     d = config.data
     if d.name != "synth_music":
@@ -289,11 +317,11 @@ def prepare_for_config(config) -> None:
         if not os.path.isdir(clip):  # a hub id: the cached copy, or the offline stand-in
             clip = resolve_clip(clip, d.data_dir)
     else:
-        clip = resolve_clip(config.query.clip_model, d.data_dir)
+        clip = resolve_clip(config.query.encoder_model, d.data_dir)
         print(f"preparing synth_music in {d.data_dir} (CLIP: {clip})", flush=True)
         builder = prepare(d.data_dir, clip=clip, clips_per_class=tuple(d.synth_clips_per_class),
                           seconds=d.synth_seconds, seed=d.synth_seed,
                           min_samples=config.audio.crop_samples)
         splits = {k: v.num_examples for k, v in builder.info.splits.items()}
         print(f"synth_music ready: {splits}", flush=True)
-    config.query.clip_model = clip
+    config.query.encoder_model = clip

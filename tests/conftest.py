@@ -94,7 +94,7 @@ def trained_workdir(tmp_path_factory, generated_dataset, tiny_clip_folder):
 
     config = tiny_config(generated_dataset, num_steps=250, checkpoint_every_steps=250,
                          validation_every_steps=250, learning_rate=3e-3)
-    config.query.clip_model = tiny_clip_folder
+    config.query.encoder_model = tiny_clip_folder
     workdir = tmp_path_factory.mktemp("trained")
     with open(workdir / "config.json", "w") as f:
         f.write(config.to_json_best_effort())

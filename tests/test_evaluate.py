@@ -18,6 +18,7 @@ from generated_data import tiny_config
 
 from clipsep_jax import bss_eval, evaluate
 from clipsep_jax.checkpoints import load_config
+from clipsep_jax.families.clipsep import evaluation
 from clipsep_jax.input_pipeline import open_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,10 +88,10 @@ def crop(waveform, start, length):
 @pytest.mark.parametrize("num_sources", [2, 3])
 def test_test_mixtures_follow_the_reference(generated_dataset, num_sources):
     config = eval_config(generated_dataset, num_sources=num_sources, interference_split="val")
-    test, metadata = open_split(config, "test")
-    val, _ = open_split(config, "val")
-    examples = evaluate.test_mixtures(config, test, metadata, val)
-    again = evaluate.test_mixtures(config, test, metadata, val)
+    test, metadata = open_split(config.data, "test")
+    val, _ = open_split(config.data, "val")
+    examples = evaluation.test_mixtures(config, test, metadata, val)
+    again = evaluation.test_mixtures(config, test, metadata, val)
     assert len(examples) == len(test)
     for i in range(len(examples)):
         e = examples[i]
@@ -203,8 +204,8 @@ def test_converted_reference_checkpoint_scores_as_the_reference(generated_datase
                                 model_kind="clipsep_nit", progress=False)
     assert path.name == "test_2src_best_model.json"
     config.audio.crop_samples = 65535  # a reference checkpoint brings the reference's audio
-    test, metadata = open_split(config, "test")
-    examples = evaluate.test_mixtures(config, test, metadata)
+    test, metadata = open_split(config.data, "test")
+    examples = evaluation.test_mixtures(config, test, metadata)
     ours = {k: {x["index"]: x["sdr"] for x in v} for k, v in report["per_example"].items()}
     compared = 0
     for i in range(len(examples)):

@@ -1,17 +1,19 @@
 """Mix-and-separate examples against a direct time-domain rendition; determinism and resume."""
 
+import grain
+import jax
 import numpy as np
 import pytest
 
-from clipsep_jax import audio
+from clipsep_jax import audio, input_pipeline, sharding
 from clipsep_jax.config import default_config
-from clipsep_jax.input_pipeline import (
+from clipsep_jax.families.clipsep.data import (
     MixSettings,
+    ValidationMixer,
     crop_start,
-    evaluation_dataset,
     mix_sources,
-    model_batch,
-    training_dataset,
+    model_inputs,
+    partner_indices,
 )
 
 LABELS = ["accordion", "tuba", "violin"]
@@ -49,6 +51,25 @@ METADATA = {
     "win_length": 1024,
     "fps": 1.0,
 }
+
+
+def training_dataset(config, records, metadata, seed=None, process_index=0, process_count=1):
+    """The generic training stream around a transform that keeps every mixed key."""
+    settings = MixSettings.from_config(config, metadata)
+
+    def transform(index, rng):
+        others = partner_indices(index, len(records), settings.num_sources - 1, rng)
+        return mix_sources([records[i] for i in [index, *others]], settings, rng)
+
+    return input_pipeline.training_dataset(
+        transform, len(records), batch_size=config.train.batch_size,
+        seed=config.train.seed if seed is None else seed, process_index=process_index,
+        process_count=process_count, num_workers=config.data.num_workers)
+
+
+def evaluation_dataset(config, records, metadata, limit=0):
+    mixer = ValidationMixer(config, records, metadata, seed=0)
+    return grain.MapDataset.range(limit or len(records)).map(mixer)
 
 
 def config_for(batch_size=4, workers=0):
@@ -200,9 +221,27 @@ def test_evaluation_dataset_is_deterministic_per_index():
     np.testing.assert_array_equal(a[2]["mags"], b[2]["mags"])
 
 
-def test_model_batch_picks_queries_by_kind_and_mode():
+def test_sharded_batches_cover_every_element_once_with_padding():
+    mesh = sharding.make_mesh(default_config())
+    devices = mesh.devices.size
+    size = 2 * devices + 3  # two full batches and a partial one
+    batches = list(input_pipeline.sharded_batches(
+        lambda i: {"value": np.float32(10 * i)}, size, devices, mesh))
+    assert len(batches) == 3
+    index = np.concatenate([np.asarray(b["index"]) for b in batches])
+    valid = np.concatenate([np.asarray(b["valid"]) for b in batches])
+    value = np.concatenate([np.asarray(b["value"]) for b in batches])
+    assert sorted(index[valid > 0]) == list(range(size))
+    assert (valid[index >= size] == 0).all() and (index >= size).sum() == devices - 3
+    np.testing.assert_array_equal(value, 10 * (index % size))
+    assert all(isinstance(b["value"], jax.Array) and b["value"].sharding.mesh == mesh
+               for b in batches)
+
+
+def test_model_inputs_pick_queries_by_kind_and_mode():
     batch = {"mag_mix": 1, "mags": 2, "image_queries": 3, "text_queries": 4, "labels": 5}
     config = config_for()
+    model_batch = model_inputs
     assert model_batch(config, batch)["queries"] == 3
     config.query.mode = "text"
     assert model_batch(config, batch)["queries"] == 4

@@ -125,7 +125,7 @@ def test_config_validation_names_the_field():
 def test_upsampling_matches_torch_align_corners(height, width):
     import torch
 
-    from clipsep_jax.models.layers import upsample_bilinear_2x
+    from clipsep_jax.families.clipsep.layers import upsample_bilinear_2x
 
     x = np.random.default_rng(height).normal(size=(2, height, width, 3)).astype(np.float32)
     expected = torch.nn.functional.interpolate(
@@ -141,7 +141,7 @@ def test_upsampling_matches_torch_align_corners(height, width):
 def test_taps_first_upsample_conv_matches_torch_and_upsample_first(height, width):
     import torch
 
-    from clipsep_jax.models.layers import upsample_conv3x3
+    from clipsep_jax.families.clipsep.layers import upsample_conv3x3
 
     rng = np.random.default_rng(height * 10 + width)
     x = rng.normal(size=(2, height, width, 5)).astype(np.float32)
@@ -185,7 +185,7 @@ def test_up_conv_formulations_give_the_same_model():
 def test_down_conv_matches_torch(height, width):
     import torch
 
-    from clipsep_jax.models.layers import down_conv4x4
+    from clipsep_jax.families.clipsep.layers import down_conv4x4
 
     rng = np.random.default_rng(height * 10 + width)
     x = rng.normal(size=(2, height, width, 5)).astype(np.float32)

@@ -12,7 +12,7 @@ from media_trees import tone
 from PIL import Image
 
 from clipsep_jax.clip import CLIP
-from clipsep_jax.models.clip import CLIPConfig, TowerConfig
+from clipsep_jax.encoders.clip_towers import CLIPConfig, TowerConfig
 from clipsep_jax.separate import Separator, main, query_file_name
 from clipsep_jax.separation import signal_to_distortion
 

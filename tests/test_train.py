@@ -88,8 +88,9 @@ def test_train_step_matches_torch(kind, tmp_path):
 
     optimizer = make_optimizer(config)
     state = TrainState(step=np.int32(0), params=variables["params"],
-                       batch_stats=variables["batch_stats"],
-                       opt_state=optimizer.init(variables["params"]))
+                       model_state={"batch_stats": variables["batch_stats"]},
+                       opt_state=optimizer.init(variables["params"]),
+                       rng=jax.random.PRNGKey(0), ema_params={})
     queries = {"pit": None, "labelsep": labels.astype(np.int32)}.get(kind, embeddings)
     batch = {"mag_mix": mag_mix, "mags": sources, "queries": queries}
     state, metrics = jax.jit(functools.partial(train_step, config, optimizer))(state, batch)

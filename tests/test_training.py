@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from generated_data import tiny_config
@@ -88,45 +89,60 @@ def test_sigkill_after_a_checkpoint_resumes_with_the_same_losses(generated_datas
     np.testing.assert_array_equal([resumed[s] for s in steps], [straight[s] for s in steps])
 
 
+class WrappedBatches:
+    """The training stream with ``change(n, batch)`` applied to the n-th batch (1-based)."""
+
+    def __init__(self, batches, change):
+        self.batches, self.change, self.count = batches, change, 0
+        self.grain_iterator = batches.grain_iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.count += 1
+        return self.change(self.count, next(self.batches))
+
+
+def wrap_training_batches(monkeypatch, change):
+    original = input_pipeline.training_batches
+    monkeypatch.setattr(input_pipeline, "training_batches",
+                        lambda *a, **k: WrappedBatches(original(*a, **k), change))
+
+
 def test_nan_in_a_batch_stops_with_the_last_good_checkpoint(
     generated_dataset, tmp_path, monkeypatch
 ):
     config = tiny_config(generated_dataset, num_steps=30)
-    calls = {"n": 0}
-    original = input_pipeline.model_batch
 
-    def poisoned(config_, batch):
-        calls["n"] += 1
-        out = original(config_, batch)
-        if calls["n"] == 15:
-            out = dict(out, mag_mix=np.full_like(out["mag_mix"], np.nan))
-        return out
+    def poisoned(n, batch):
+        if n == 15:
+            mag = batch["mag_mix"]
+            batch = dict(batch, mag_mix=jax.device_put(np.full(mag.shape, np.nan, mag.dtype),
+                                                       mag.sharding))
+        return batch
 
-    monkeypatch.setattr(input_pipeline, "model_batch", poisoned)
+    wrap_training_batches(monkeypatch, poisoned)
     with pytest.raises(train.NonFiniteLossError, match="at step 15.*last good checkpoint is "
                                                          "step 10"):
         train.train_and_evaluate(config, str(tmp_path))
-    monkeypatch.setattr(input_pipeline, "model_batch", original)
+    monkeypatch.undo()
     # The checkpoint is intact: a restart resumes from it and finishes.
     config.train.num_steps = 12
     state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 12
-    assert all(np.isfinite(np.asarray(x)).all() for x in
-               __import__("jax").tree_util.tree_leaves(state.params))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(generated_dataset, tmp_path, monkeypatch):
     config = tiny_config(generated_dataset, num_steps=30)
-    calls = {"n": 0}
-    original = input_pipeline.model_batch
 
-    def preempted(config_, batch):
-        calls["n"] += 1
-        if calls["n"] == 13:
+    def preempted(n, batch):
+        if n == 13:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(config_, batch)
+        return batch
 
-    monkeypatch.setattr(input_pipeline, "model_batch", preempted)
+    wrap_training_batches(monkeypatch, preempted)
     state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 13
     assert (tmp_path / "checkpoints" / "13").is_dir()
@@ -141,3 +157,51 @@ def test_keeps_the_latest_and_the_best_checkpoint(generated_dataset, tmp_path, m
     train.train_and_evaluate(config, str(tmp_path))
     kept = {int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()}
     assert kept == {20, 10}
+
+
+def test_a_workdir_of_the_layout_before_the_family_redesign_loads_and_resumes(
+    generated_dataset, tmp_path
+):
+    """Checkpoints saved batch_stats beside params (no rng, no EMA) and config.json had top-level
+    loss / nit sections and query.clip_model; such a workdir still loads and resumes."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    from clipsep_jax import checkpoints, sharding
+
+    config = tiny_config(generated_dataset, num_steps=10)
+    new = tmp_path / "new"
+    state = train.train_and_evaluate(config, str(new))
+
+    old = tmp_path / "old"
+    saved = json.loads((new / "config.json").read_text())
+    family_section = saved.pop("clipsep")
+    saved.update(loss=family_section["loss"], nit=family_section["nit"])
+    saved["query"]["clip_model"] = saved["query"].pop("encoder_model")
+    saved["query"].pop("encoder")
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(saved))
+    source, metadata = input_pipeline.open_split(config.data, "train")
+    mesh = sharding.make_mesh(config)
+    family = train.get_family(config)
+    batches = input_pipeline.training_batches(
+        config, family.training_transform(config, source, metadata), len(source), mesh)
+    legacy = {"step": state.step, "params": state.params,
+              "batch_stats": state.model_state["batch_stats"], "opt_state": state.opt_state}
+    manager = ocp.CheckpointManager(str(old / "checkpoints"), item_names=("state", "data"))
+    manager.save(10, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(legacy),
+        data=grain.checkpoint.CheckpointSave(batches.grain_iterator)))
+    manager.wait_until_finished()
+    manager.close()
+
+    loaded_config, variables, step = checkpoints.load_workdir(old)
+    assert step == 10 and loaded_config.clipsep.loss.weighted == config.clipsep.loss.weighted
+    assert loaded_config.query.encoder_model == config.query.encoder_model
+    _, expected, _ = checkpoints.load_workdir(new)
+    for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(expected),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    loaded_config.train.num_steps = 12
+    resumed = train.train_and_evaluate(loaded_config, str(old))
+    assert int(resumed.step) == 12

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clipsep_jax.models.layers import (
+from clipsep_jax.families.clipsep.layers import (
     BatchNorm,
     DownConv4x4,
     UpsampleConv3x3,

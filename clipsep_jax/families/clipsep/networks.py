@@ -15,12 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clipsep_jax.models.layers import (
+from clipsep_jax.families.clipsep.layers import (
     conv_kernel_init,
     dense_kernel_init,
     torch_default_bias_init,
 )
-from clipsep_jax.models.unet import UNet
+from clipsep_jax.families.clipsep.unet import UNet
 
 
 class QueryProjection(nn.Module):

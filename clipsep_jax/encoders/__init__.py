@@ -1,0 +1,51 @@
+"""Frozen query encoders: what turns a text or an image into the vector a model is queried with.
+
+Every encoder has the same interface (:class:`QueryEncoder`): ``from_pretrained(name_or_path)``,
+``embedding_dim``, ``encode_text(list_of_strings) -> [B, D]`` and, where it has an image tower,
+``encode_image(images) -> [B, D]`` (float32 numpy). :func:`load_encoder` picks one by the name in
+``config.query.encoder``; the modules are imported only when asked for.
+
+- ``clip`` (:mod:`clipsep_jax.encoders.clip`): CLIP's text and image towers
+  (:mod:`clipsep_jax.encoders.clip_towers`), loaded from Hugging Face checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["QueryEncoder", "ENCODERS", "encoder_class", "load_encoder"]
+
+# encoder name -> "module:class"
+ENCODERS = {"clip": "clipsep_jax.encoders.clip:CLIP"}
+
+
+@runtime_checkable
+class QueryEncoder(Protocol):
+    """What a query encoder provides (CLIP does; CLAP and BERT-family encoders will)."""
+
+    @property
+    def embedding_dim(self) -> int: ...
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """[B] strings -> [B, embedding_dim] float32."""
+
+    def encode_image(self, images: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
+        """uint8 RGB images -> [B, embedding_dim] float32 (encoders without an image tower
+        raise ValueError)."""
+
+
+def encoder_class(name: str) -> type:
+    """The class registered as ``name`` (config.query.encoder)."""
+    if name not in ENCODERS:
+        raise ValueError(f"config.query.encoder={name!r}: expected one of {', '.join(ENCODERS)}")
+    module, cls = ENCODERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_encoder(name: str, name_or_path: str, **kwargs: Any) -> QueryEncoder:
+    """``encoder_class(name).from_pretrained(name_or_path, **kwargs)``."""
+    return encoder_class(name).from_pretrained(name_or_path, **kwargs)
