@@ -100,7 +100,7 @@ def training_dataset(
 
     Element k of the global stream is ``transform(permutation(k), rng(seed + 1, k))``, so it
     depends on (seed, k) only and a restored iterator state continues the same batches. Host
-    ``process_index`` takes elements ``process_index::process_count``.
+    ``process_index`` takes its block of every global batch (the rows its devices hold).
     """
     if batch_size % process_count:
         raise ValueError(
@@ -108,15 +108,23 @@ def training_dataset(
         )
     if size == 0:
         raise ValueError("the training split is empty")
-    dataset = (
+    stream = (
         grain.MapDataset.range(size)
         .shuffle(seed=seed)
         .repeat()
         .random_map(_RandomTransform(transform), seed=seed + 1)
     )
-    dataset = dataset[process_index::process_count].batch(
-        batch_size // process_count, drop_remainder=True
-    )
+    share = batch_size // process_count
+    if process_count == 1:
+        dataset = stream
+    else:
+        # Host p takes rows p * share ... (p + 1) * share - 1 of every global batch: the rows
+        # its devices hold, so each example meets the same device whatever the host count.
+        def global_element(j: int) -> dict:
+            return stream[(j // share) * batch_size + process_index * share + j % share]
+
+        dataset = grain.MapDataset.range(len(stream) // process_count).map(global_element)
+    dataset = dataset.batch(share, drop_remainder=True)
     iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice)

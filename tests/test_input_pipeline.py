@@ -202,6 +202,10 @@ def test_hosts_read_disjoint_shares():
     )
     assert host0["mags"].shape[0] == host1["mags"].shape[0] == 2
     assert not np.array_equal(host0["mags"], host1["mags"])
+    # Together they are the one-host batch, host 0 its first rows: each example meets the same
+    # device whatever the number of hosts.
+    whole = next(iter(training_dataset(config, records, METADATA)))
+    np.testing.assert_array_equal(np.concatenate([host0["mags"], host1["mags"]]), whole["mags"])
 
 
 def test_multiprocess_workers_give_the_same_batches():
