@@ -121,13 +121,18 @@ def load_model(directory: str | Path) -> tuple[ml_collections.ConfigDict, dict]:
     return config, variables
 
 
-def _saved_state_keys(manager: ocp.CheckpointManager, step: int) -> set[str]:
-    """Top-level fields of the train state saved at ``step``."""
-    metadata = manager.item_metadata(step)
-    state = metadata.get(STATE_ITEM)
-    tree = getattr(state, "tree", state)
-    if tree is None:  # an older orbax without item metadata: today's layout
-        return {"model_state"}
+def _saved_state_keys(directory: Path, step: int) -> set[str]:
+    """Top-level fields of the train state saved at ``step`` under ``directory`` (read from the
+    item's own metadata: a manager without restore arguments does not know the item's type)."""
+    path = Path(directory) / str(step) / STATE_ITEM
+    try:
+        metadata = ocp.PyTreeCheckpointer().metadata(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise CheckpointError(f"{path}: no readable train state ({error})") from error
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    if not hasattr(tree, "keys"):
+        raise CheckpointError(f"{path}: cannot read the train state's layout")
     return set(tree.keys())
 
 
@@ -171,7 +176,7 @@ class TrainingCheckpoints:
         A checkpoint of the layout before the model-family redesign (``batch_stats`` beside
         ``params``, no rng key or EMA) is read into today's state: ``model_state =
         {"batch_stats": ...}``, the rng key and EMA parameters kept from ``fresh_state``."""
-        keys = _saved_state_keys(self.manager, step)
+        keys = _saved_state_keys(self.directory, step)
         data = grain.checkpoint.CheckpointRestore(data_iterator)
         if "model_state" in keys:
             restored = self.manager.restore(step, args=ocp.args.Composite(**{
@@ -241,7 +246,7 @@ def load_workdir(
             jax.eval_shape(lambda: get_family(config).init_variables(
                 config, jax.random.PRNGKey(0))))
         params = shapes.pop("params")
-        keys = _saved_state_keys(manager, chosen)
+        keys = _saved_state_keys(workdir / CHECKPOINTS_DIR, chosen)
         if "model_state" in keys:
             use_ema = "ema_params" in keys and config.train.ema_decay > 0
             item = {"ema_params" if use_ema else "params": params, "model_state": shapes}
@@ -253,6 +258,12 @@ def load_workdir(
                 partial_restore=True)}))[STATE_ITEM]
     finally:
         manager.close()
+    missing = [jax.tree_util.keystr(path) for path, leaf in
+               jax.tree_util.tree_leaves_with_path(restored)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+        raise CheckpointError(f"{workdir}: checkpoint {chosen} lacks {', '.join(missing[:5])} "
+                              f"(of {len(missing)} missing); is it of this model's config?")
     if "model_state" in restored:
         variables = {"params": restored.get("ema_params", restored.get("params")),
                      **restored["model_state"]}
