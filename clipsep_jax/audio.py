@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import soxr
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -83,8 +84,6 @@ def resample(waveform: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     """Host-side resampling along the first axis (soxr HQ, as ``librosa.load`` does), float32."""
     if rate_in == rate_out:
         return np.asarray(waveform, np.float32)
-    import soxr
-
     return soxr.resample(waveform, rate_in, rate_out, quality="HQ").astype(np.float32)
 
 

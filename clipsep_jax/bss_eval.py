@@ -20,6 +20,12 @@ import dataclasses
 import warnings
 
 import numpy as np
+import scipy.stats
+from fast_bss_eval.numpy.metrics import square_cosine_metrics
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # mir_eval 0.8's deprecation notice
+    import mir_eval.separation
 
 __all__ = [
     "METRICS",
@@ -39,8 +45,6 @@ SILENCE = 1e-5  # the reference skips signals whose summed |samples| is at most 
 
 def _fast_coherences(references: np.ndarray, estimates: np.ndarray) -> tuple[np.ndarray, ...]:
     """fast_bss_eval's squared cosines (SDR and SAR) of each estimate with its own reference."""
-    from fast_bss_eval.numpy.metrics import square_cosine_metrics
-
     # pairwise=True: fast_bss_eval 0.1.4's one-to-one path calls np.linalg.solve with a stacked
     # right-hand side that numpy 2 reads as matrices; the pairwise path solves the same systems.
     coh_sdr, coh_sar = square_cosine_metrics(
@@ -92,12 +96,10 @@ def source_metrics(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # mir_eval 0.8's deprecation notice
         if definition == "museval":
-            import museval.metrics
+            import museval.metrics  # 1 s to import; only the library check uses it
 
             sdr, _, sir, sar, _ = museval.metrics.bss_eval(references, estimates, np.inf)
             return {"sdr": sdr[:, 0], "sir": sir[:, 0], "sar": sar[:, 0]}
-        import mir_eval.separation
-
         sdr, sir, sar, _ = mir_eval.separation.bss_eval_sources(
             references, estimates, compute_permutation=False)
         return {"sdr": sdr, "sir": sir, "sar": sar}
@@ -168,8 +170,6 @@ def score_example(
 
 def summarise(values: list[float] | np.ndarray) -> dict[str, float]:
     """count, mean, 95% confidence half-width (Student t on the standard error), sem, median."""
-    import scipy.stats
-
     v = np.asarray(values, np.float64)
     if len(v) == 0:
         return {"count": 0, "mean": float("nan"), "ci95": float("nan"), "sem": float("nan"),

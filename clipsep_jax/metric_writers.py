@@ -21,13 +21,15 @@ _SHIM = "clu.metric_writers.summary_writer"
 
 
 def _tensorboardx_writer_class():
+    # clu.metric_writers' __init__ imports its TensorFlow writer: importable only after the
+    # shim below is installed, so clu is imported here, not at the top.
     from clu.metric_writers import interface
 
     class TensorBoardXWriter(interface.MetricWriter):
         """A clu MetricWriter that writes TensorBoard event files with tensorboardX."""
 
         def __init__(self, logdir: str):
-            import tensorboardX
+            import tensorboardX  # only where TensorFlow is missing
 
             self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30)
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 __all__ = ["spectrogram_picture", "save_png"]
 
@@ -22,8 +23,6 @@ def spectrogram_picture(values: np.ndarray) -> np.ndarray:
 def save_png(path: str | Path, picture: np.ndarray, scale: int = 2) -> None:
     """Writes a uint8 RGB picture [H, W, 3], each pixel ``scale`` x ``scale``, through a
     temporary name."""
-    from PIL import Image
-
     image = Image.fromarray(np.repeat(np.repeat(picture, scale, 0), scale, 1))
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")

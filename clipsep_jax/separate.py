@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import soundfile
+from PIL import Image
+from tqdm import tqdm
 
 from clipsep_jax import inference
 from clipsep_jax.families import get_family
@@ -148,8 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             queries.append(text)
         names = list(args.text)
         for image_path in args.image:
-            from PIL import Image
-
             try:
                 with Image.open(image_path) as image:
                     queries.append(np.asarray(image.convert("RGB")))
@@ -167,8 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, variables, clip=args.clip, window_frames=args.window_frames,
             overlap_frames=args.overlap_frames)
         inputs = _input_files(args.input)
-        from tqdm import tqdm
-
         for path in tqdm(inputs, unit="file", disable=len(inputs) < 2, file=sys.stderr):
             waveform, rate = read_audio(path)
             outputs = separator.separate(waveform, rate, queries, channels=args.channels)

@@ -41,6 +41,7 @@ __all__ = [
     "gather_objects",
     "wants_distributed",
     "initialize_distributed",
+    "slurm_local_device_ids",
 ]
 
 AXES = ("data", "fsdp")
@@ -184,4 +185,17 @@ def initialize_distributed(mode: str = "auto") -> None:
     collectives = os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION")
     if collectives:
         jax.config.update("jax_cpu_collectives_implementation", collectives)
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
+
+
+def slurm_local_device_ids() -> list[int] | None:
+    """Every GPU of the node for a SLURM job with one task per node (launch/slurm_gpu.sbatch).
+
+    jax's SLURM detection otherwise gives each process only the GPU numbered by its
+    ``SLURM_LOCALID``, which suits one task per GPU; with one task per node, the other GPUs
+    would sit idle. None (jax's choice) in every other case."""
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE", "")
+    tasks = os.environ.get("SLURM_NTASKS_PER_NODE", os.environ.get("SLURM_TASKS_PER_NODE", ""))
+    if "SLURM_JOB_ID" not in os.environ or not gpus.isdigit() or tasks.split("(")[0] != "1":
+        return None
+    return list(range(int(gpus)))

@@ -54,3 +54,23 @@ def test_slurm_and_tpu_commands(tmp_path):
     remote = "\n".join(lines[8:])
     assert ("python3 -m clipsep_jax.main --config=c.py --workdir=/w --distributed=on "
             "--config.train.num_steps=5") in remote
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "1"},
+     list(range(8))),
+    ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "4", "SLURM_TASKS_PER_NODE": "1(x3)"},
+     list(range(4))),
+    ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "8"}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS_PER_NODE": "1"}, None),  # CPU job
+    ({}, None),
+])
+def test_one_slurm_task_per_node_gets_every_gpu_of_the_node(monkeypatch, env, expected):
+    """slurm_gpu.sbatch runs one task per node; jax alone would give it GPU SLURM_LOCALID only."""
+    from clipsep_jax import sharding
+
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert sharding.slurm_local_device_ids() == expected

@@ -18,6 +18,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +29,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from clipsep_jax.encoders.clip_towers import CLIPConfig, CLIPModel, TowerConfig
 
@@ -51,6 +55,10 @@ PROMPT_ENSEMBLE = (
     "a low resolution photo of a {}.",
     "a photo of many {}.",
 )
+# transformers is imported where a checkpoint is read or written, not here: importing its
+# tokenizer and config classes takes about 2 s, and every config (through the model families)
+# reaches this module.
+_LAZY = ("transformers",)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -339,7 +347,7 @@ def _abstract_params(config: CLIPConfig) -> dict:
 
 def _read_weights(name_or_path: str, **hub_kwargs) -> dict[str, np.ndarray]:
     """The checkpoint's tensors as numpy arrays: safetensors first, then ``pytorch_model.bin``."""
-    from transformers.utils import cached_file
+    from transformers.utils import cached_file  # transformers: heavy (2 s); see _LAZY
 
     for index_name, single_name in (
         ("model.safetensors.index.json", "model.safetensors"),
@@ -371,15 +379,13 @@ def _read_weights(name_or_path: str, **hub_kwargs) -> dict[str, np.ndarray]:
 
 def _read_weight_file(file: str) -> dict[str, np.ndarray]:
     if file.endswith(".safetensors"):
-        from safetensors import safe_open
-
         out = {}
         with safe_open(file, framework="flax") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
         return out
     try:
-        import torch
+        import torch  # optional ([convert] extra): only PyTorch pickles need it
     except ImportError as e:
         raise ImportError(
             f"{file} is a PyTorch pickle; reading it needs torch "
@@ -456,7 +462,7 @@ class CLIP:
         ``hub_kwargs`` go to transformers' ``cached_file`` and ``from_pretrained`` (``revision``,
         ``cache_dir``, ``local_files_only``, ``token``).
         """
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer  # see _LAZY
         from transformers.utils import cached_file
 
         if os.path.exists(name_or_path) and not os.path.isdir(name_or_path):
@@ -513,11 +519,7 @@ class CLIP:
     def save_pretrained(self, path: str) -> None:
         """Write a transformers-loadable checkpoint folder (config, safetensors, tokenizer,
         preprocessor config), through a temporary folder renamed into place."""
-        import shutil
-        import tempfile
-
-        from safetensors.numpy import save_file
-        from transformers import CLIPConfig as HFCLIPConfig
+        from transformers import CLIPConfig as HFCLIPConfig  # see _LAZY
 
         path = os.path.abspath(path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -675,7 +677,7 @@ def _random_params(config: CLIPConfig, seed: int) -> dict:
 def byte_level_tokenizer() -> Any:
     """A CLIP tokenizer with only the 512 byte-level symbols (no merges) and the start and end
     tokens: 514 ids, for random-weight CLIPs that must run with nothing downloaded."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # see _LAZY
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     symbols = list(bytes_to_unicode().values())
