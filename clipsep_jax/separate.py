@@ -105,18 +105,84 @@ def query_file_name(query: str, taken: set[str]) -> str:
     return name
 
 
-def _write_outputs(folder: Path, outputs: dict[str, np.ndarray], rate: int) -> None:
-    """Writes every output into a temporary folder, then renames it into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+# Every output folder this command writes holds this file, listing the files it wrote: a folder
+# without it is not ours, and is never replaced.
+MANIFEST = ".clipsep-separate.json"
+
+
+def output_names(names: Sequence[str]) -> list[str]:
+    """File stems for the queries' display names, unique and never "residual", then
+    "residual" (the order of :meth:`Separator.separate_in_order`'s outputs)."""
+    taken = {"residual"}
+    return [query_file_name(name, taken) for name in names] + ["residual"]
+
+
+def output_folders(inputs: Sequence[str], root: str | None, output_dir: str) -> dict[str, Path]:
+    """Each input's output folder: ``output_dir/<relative folder>/<stem>``, relative to the
+    input folder ``root`` (None: a single file); inputs whose folders would coincide (``a.wav``
+    and ``a.flac``) get ``<stem>_<extension>``."""
+    relative = {path: Path(path).relative_to(root) if root else Path(Path(path).name)
+                for path in inputs}
+    plain = {path: rel.parent / rel.stem for path, rel in relative.items()}
+    counts: dict[Path, int] = {}
+    for folder in plain.values():
+        counts[folder] = counts.get(folder, 0) + 1
+    out = {}
+    for path, rel in relative.items():
+        folder = plain[path]
+        if counts[folder] > 1:
+            folder = rel.parent / f"{rel.stem}_{rel.suffix.lstrip('.').lower() or 'file'}"
+        out[path] = Path(output_dir) / folder
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_outputs(folder: Path, outputs: dict[str, np.ndarray], rate: int,
+                   overwrite: bool = False) -> None:
+    """Writes ``outputs`` ({file stem: waveform}) as ``folder/<stem>.wav`` through a temporary
+    folder. An existing ``folder`` is refused unless it holds this command's manifest and
+    ``overwrite`` is set; then only the files that manifest lists are replaced."""
+    old_files: list[str] = []
+    if folder.exists() or folder.is_symlink():
+        manifest = folder / MANIFEST
+        if not folder.is_dir() or not manifest.is_file():
+            raise SeparationError(f"{folder}: exists and was not written by "
+                                  "clipsep_jax.separate; choose another --output-dir")
+        if not overwrite:
+            raise SeparationError(f"{folder}: exists (an earlier separation); --overwrite "
+                                  "replaces its outputs")
+        try:
+            old_files = list(json.loads(manifest.read_text())["files"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise SeparationError(f"{manifest}: unreadable ({e}); not replacing {folder}") from e
     try:
-        taken: set[str] = set()
-        for name, wave in outputs.items():
-            stem = "residual" if name == "residual" else query_file_name(name, taken)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    except OSError as e:
+        raise SeparationError(f"{folder.parent}: cannot write there ({e.strerror})") from e
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; outputs follow the umask
+        files = [f"{stem}.wav" for stem in outputs]
+        for stem, wave in outputs.items():
             soundfile.write(tmp / f"{stem}.wav", wave, rate, subtype="FLOAT")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}))
+        if not old_files:
+            os.replace(tmp, folder)
+            return
+        for name in old_files:
+            if Path(name).name == name and name != MANIFEST:  # a plain file name, nothing else
+                (folder / name).unlink(missing_ok=True)
+        for name in [*files, MANIFEST]:
+            os.replace(tmp / name, folder / name)
+        tmp.rmdir()
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SeparationError(f"{folder}: cannot write the outputs ({e.strerror or e})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -134,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image", action="append", default=[],
                         help="image query: a picture file (repeatable)")
     parser.add_argument("--output-dir", required=True, help="where <stem>/<query>.wav go")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs of an earlier separation (only the files it "
+                             "wrote; other folders are never touched)")
     parser.add_argument("--clip", help="CLIP hub id or folder (default: the config's)")
     parser.add_argument("--channels", default="each", choices=("each", "downmix"),
                         help="separate each channel, or their mean (written to every channel)")
@@ -158,6 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             names.append(f"image_{Path(image_path).stem}")
         if not queries:
             raise SeparationError("no queries: give --text and/or --image")
+        stems = output_names(names)
+        for name, stem in zip(names, stems, strict=False):
+            if stem != name:
+                print(f"query {name!r} -> {stem}.wav", flush=True)
+        inputs, root = _input_files(args.input, args.output_dir)
+        folders = output_folders(inputs, root, args.output_dir)
         try:
             config, variables = inference.load_for_inference(args.checkpoint or args.workdir,
                                                              args.model_kind)
@@ -166,32 +241,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         separator = get_family(config).separator(
             config, variables, clip=args.clip, window_frames=args.window_frames,
             overlap_frames=args.overlap_frames)
-        inputs = _input_files(args.input)
-        for path in tqdm(inputs, unit="file", disable=len(inputs) < 2, file=sys.stderr):
-            waveform, rate = read_audio(path)
-            outputs = separator.separate(waveform, rate, queries, channels=args.channels)
-            outputs = {names[i] if i < len(names) else k: v
-                       for i, (k, v) in enumerate(outputs.items())}
-            folder = Path(args.output_dir) / Path(path).stem
-            _write_outputs(folder, outputs, rate)
-            print(f"{path} -> {folder}/ ({', '.join(sorted(outputs))})", flush=True)
     except SeparationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    failed = []
+    for path in tqdm(inputs, unit="file", disable=len(inputs) < 2, file=sys.stderr):
+        try:
+            waveform, rate = read_audio(path)
+            outputs = separator.separate_in_order(waveform, rate, queries,
+                                                  channels=args.channels)
+            folder = folders[path]
+            _write_outputs(folder, dict(zip(stems, outputs, strict=True)), rate, args.overwrite)
+            print(f"{path} -> {folder}/ ({', '.join(f'{s}.wav' for s in stems)})", flush=True)
+        except SeparationError as e:
+            failed.append(path)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    if len(inputs) > 1 or failed:
+        print(f"{len(inputs) - len(failed)} of {len(inputs)} files separated"
+              + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 2 if failed else 0
 
 
-def _input_files(path: str) -> list[str]:
+def _input_files(path: str, output_dir: str) -> tuple[list[str], str | None]:
+    """(the audio and video files to separate, the input folder or None for one file); files
+    under ``output_dir`` are left out (earlier outputs inside the input folder)."""
     p = Path(path)
     if p.is_dir():
+        out = Path(output_dir).resolve()
         files = sorted(str(f) for f in p.rglob("*")
-                       if f.suffix.lower() in AUDIO_EXTENSIONS + VIDEO_EXTENSIONS)
+                       if f.suffix.lower() in AUDIO_EXTENSIONS + VIDEO_EXTENSIONS
+                       and f.is_file() and out not in f.resolve().parents)
         if not files:
             raise SeparationError(f"{path}: no audio or video files in this folder")
-        return files
+        return files, str(p)
     if not p.exists():
         raise SeparationError(f"{path}: no such file or folder")
-    return [str(p)]
+    return [str(p)], None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Separation of recordings: chunked = one pass, any rate and channels, files, bad input."""
 
+import os
 import subprocess
 import sys
 
@@ -81,7 +82,8 @@ def test_command_writes_every_query_and_the_residual(trained_workdir, tiny_clip_
                  "--image", str(tmp_path / "frame.png"), "--output-dir", str(tmp_path / "out")])
     assert code == 0
     files = sorted(p.name for p in (tmp_path / "out" / "song").iterdir())
-    assert files == ["accordion_solo.wav", "image_frame.wav", "residual.wav"]
+    assert files == [".clipsep-separate.json", "accordion_solo.wav", "image_frame.wav",
+                     "residual.wav"]
     data, rate = sf.read(tmp_path / "out" / "song" / "accordion_solo.wav")
     assert rate == 22050 and data.shape == (len(mix), 2)
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
@@ -97,6 +99,75 @@ def test_folder_mode_and_mp3(trained_workdir, tiny_clip_folder, tmp_path):
                  str(tmp_path / "in"), "--text", "tuba", "--output-dir", str(tmp_path / "out")])
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b"]
+
+
+def run_separate(trained_workdir, tiny_clip_folder, *args) -> int:
+    return main(["--workdir", trained_workdir, "--clip", tiny_clip_folder, *map(str, args)])
+
+
+def test_never_replaces_what_it_did_not_write(trained_workdir, tiny_clip_folder, tmp_path,
+                                             capsys):
+    _, _, mix = two_instrument_mix(1.0)
+    home = tmp_path / "h"
+    (home / "Documents").mkdir(parents=True)
+    (home / "Documents" / "taxes.txt").write_text("x")
+    sf.write(home / "Documents.wav", mix, 16000)
+    code = run_separate(trained_workdir, tiny_clip_folder, "--input", home / "Documents.wav",
+                        "--text", "violin", "--output-dir", home)
+    assert code == 2 and "was not written by clipsep_jax.separate" in capsys.readouterr().err
+    assert sorted(p.name for p in (home / "Documents").iterdir()) == ["taxes.txt"]
+
+    # Its own earlier outputs: refused without --overwrite, replaced file by file with it.
+    out = tmp_path / "out"
+    args = ["--input", home / "Documents.wav", "--text", "violin", "--output-dir", out]
+    assert run_separate(trained_workdir, tiny_clip_folder, *args) == 0
+    (out / "Documents" / "notes.txt").write_text("mine")
+    assert run_separate(trained_workdir, tiny_clip_folder, *args, "--text", "tuba") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_separate(trained_workdir, tiny_clip_folder, *args, "--overwrite") == 0
+    assert sorted(p.name for p in (out / "Documents").iterdir()) == [
+        ".clipsep-separate.json", "notes.txt", "residual.wav", "violin.wav"]
+    assert ((out / "Documents").stat().st_mode & 0o777) == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_unique_names_and_a_batch_that_goes_on(trained_workdir, tiny_clip_folder, tmp_path,
+                                               capsys):
+    _, _, mix = two_instrument_mix(1.0)
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.wav", "a.flac", "sub/a.wav", "c.wav"):
+        sf.write(folder / name, mix, 16000)
+    (folder / "bad.wav").write_bytes(b"RIFF????WAVEjunk")
+    out = folder / "separated"  # inside the input folder: not read back as input
+    args = ["--input", folder, "--output-dir", out, "--text", "violin", "--text", "violin",
+            "--text", "residual"]
+    assert run_separate(trained_workdir, tiny_clip_folder, *args) == 2
+    printed = capsys.readouterr()
+    assert "bad.wav: cannot read audio" in printed.err
+    assert "4 of 5 files separated; failed: " in printed.out and "bad.wav" in printed.out
+    assert "query 'violin' -> violin_2.wav" in printed.out
+    assert "query 'residual' -> residual_query.wav" in printed.out
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.wav"))
+    expected = sorted(f"{d}/{f}.wav" for d in ("a_wav", "a_flac", "sub/a", "c")
+                      for f in ("violin", "violin_2", "residual_query", "residual"))
+    assert written == expected
+    # The queries' outputs and the residual are distinct files: the residual is what no
+    # query took, and "violin" twice gives the same estimate twice.
+    violin, _ = sf.read(out / "c" / "violin.wav")
+    again, _ = sf.read(out / "c" / "violin_2.wav")
+    residual, _ = sf.read(out / "c" / "residual.wav")
+    np.testing.assert_array_equal(violin, again)
+    assert not np.allclose(violin, residual)
+    # A second run finds its own outputs and refuses them (no --overwrite), but reads none of
+    # them as input.
+    assert run_separate(trained_workdir, tiny_clip_folder, *args) == 2
+    assert "0 of 5 files separated" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,message", [
@@ -134,11 +205,13 @@ def test_converted_reference_checkpoint_and_model_kind_errors(tmp_path, capsys):
     out = separator.separate(two_instrument_mix(5.0)[2], 16000, ["tuba", "accordion"])
     assert set(out) == {"tuba", "accordion", "residual"}
     torch.save(tr.PITSep(layers=5, ngf=8, channels=4).state_dict(), tmp_path / "pit.pt")
+    sf.write(tmp_path / "x.wav", np.zeros(1600, np.float32), 16000)
     code = main(["--checkpoint", str(tmp_path / "pit.pt"), "--model_kind", "pit", "--input",
                  str(tmp_path / "x.wav"), "--text", "a", "--output-dir", str(tmp_path / "o")])
     assert code == 2
     assert "model kind 'pit' cannot take text or image queries" in capsys.readouterr().err
-    code = main(["--checkpoint", str(tmp_path / "ref.pt"), "--input", "x.wav", "--text", "a",
+    code = main(["--checkpoint", str(tmp_path / "ref.pt"), "--input", str(tmp_path / "x.wav"),
+                 "--text", "a",
                  "--output-dir", str(tmp_path / "o")])
     assert code == 2 and "needs --model_kind" in capsys.readouterr().err
 

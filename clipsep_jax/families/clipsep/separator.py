@@ -168,12 +168,12 @@ class Separator:
                                              len(padded)))[:, :length]
         return waves[:-1], waves[-1]
 
-    def separate(self, waveform: np.ndarray, sample_rate: int,
-                 queries: Sequence[str | np.ndarray], *, channels: str = "each",
-                 one_pass: bool = False) -> dict[str, np.ndarray]:
-        """A recording [samples] or [samples, channels] at any rate -> {query: estimate,
-        ..., "residual": rest}, each like the input (rate, length, channels). Image queries are
-        keyed ``image_<i>``; ``channels``: "each" (per channel) or "downmix"."""
+    def separate_in_order(self, waveform: np.ndarray, sample_rate: int,
+                          queries: Sequence[str | np.ndarray], *, channels: str = "each",
+                          one_pass: bool = False) -> list[np.ndarray]:
+        """A recording [samples] or [samples, channels] at any rate -> one estimate per query,
+        in the queries' order, then the residual (what no query took); each like the input
+        (rate, length, channels). ``channels``: "each" (per channel) or "downmix"."""
         waveform = np.asarray(waveform, np.float32)
         mono_input = waveform.ndim == 1
         data = waveform[:, None] if mono_input else waveform
@@ -194,14 +194,29 @@ class Separator:
             back = [_fit(audio.resample(x, rate, sample_rate), len(data))
                     for x in [*estimates, residual]]
             per_lane.append(back)
-        names = [q if isinstance(q, str) else f"image_{i}" for i, q in enumerate(queries)]
-        outputs = {}
-        for index, name in enumerate([*names, "residual"]):
+        outputs = []
+        for index in range(len(queries) + 1):
             stacked = np.stack([lane[index] for lane in per_lane], axis=1)
             if channels == "downmix" and not mono_input:
                 stacked = np.repeat(stacked, data.shape[1], axis=1)
-            outputs[name] = stacked[:, 0] if mono_input else stacked
+            outputs.append(stacked[:, 0] if mono_input else stacked)
         return outputs
+
+    def separate(self, waveform: np.ndarray, sample_rate: int,
+                 queries: Sequence[str | np.ndarray], *, channels: str = "each",
+                 one_pass: bool = False) -> dict[str, np.ndarray]:
+        """:meth:`separate_in_order` as {query: estimate, ..., "residual": rest}. Image queries
+        are keyed ``image_<i>``; a text query given twice, or named "residual", is refused (its
+        key would hide another output; :meth:`separate_in_order` takes any queries)."""
+        names = [q if isinstance(q, str) else f"image_{i}" for i, q in enumerate(queries)]
+        for i, name in enumerate(names):
+            if name == "residual" or name in names[:i]:
+                raise SeparationError(
+                    f"query {name!r} would share its key with another output; use "
+                    "separate_in_order, which keeps every query's estimate in order")
+        outputs = self.separate_in_order(waveform, sample_rate, queries, channels=channels,
+                                         one_pass=one_pass)
+        return dict(zip([*names, "residual"], outputs, strict=True))
 
 
 def _fit(x: np.ndarray, length: int) -> np.ndarray:
