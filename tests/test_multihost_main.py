@@ -29,6 +29,9 @@ SETTINGS = {
     "eval.batch_size": 4,
     "eval.num_workers": 0,
     "eval.num_audio_examples": 0,
+    # 24 steps leave every mask probability under 0.5, so thresholded masks give silent
+    # estimates (all skipped); soft masks give every row estimates that depend on the model.
+    "eval.binary_masks": False,
 }
 
 
@@ -131,7 +134,17 @@ def assert_same_results(workdir, expected_workdir, text=""):
     assert expected_table, "the one-process run wrote no evaluation table"
     assert table.keys() == expected_table.keys(), (sorted(table), sorted(expected_table), text)
     for key, value in expected_table.items():
-        np.testing.assert_allclose(table[key], value, rtol=0, atol=1e-4, err_msg=key)
+        # SAR near 60 dB measures artefacts a millionth of the estimate's energy: the float32
+        # rounding that separates the runs' outputs (1e-6) moves it by 1e-3 dB, so it is
+        # compared relative to its size; SDR and SIR to 1e-4 dB.
+        tolerance = {"rtol": 1e-4, "atol": 0} if " sar " in key else {"rtol": 0, "atol": 1e-4}
+        np.testing.assert_allclose(table[key], value, **tolerance, err_msg=key)
+    image = [k.removesuffix(" sdr count") for k in expected_table
+             if " image " in k and k.endswith("sdr count")]
+    assert image and all(expected_table[f"{k} sdr count"] > 0 for k in image), expected_table
+    mixture = image[0].replace(" image ", " mixture ")
+    assert abs(expected_table[f"{image[0]} sdr mean"]
+               - expected_table[f"{mixture} sdr mean"]) > 0.01, expected_table
 
 
 def test_two_slurm_processes_killed_and_restarted_match_one_process(generated_dataset,
