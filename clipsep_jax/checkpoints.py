@@ -36,6 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from clipsep_jax import config as config_lib
 from clipsep_jax.families import get_family
@@ -193,6 +194,37 @@ class TrainingCheckpoints:
                                    model_state={"batch_stats": old["batch_stats"]},
                                    opt_state=old["opt_state"])
 
+    def restore_newest_intact(self, fresh_state: Any, data_iterator: Any) -> Any:
+        """:meth:`restore` of the newest checkpoint that reads back. An unreadable newer one is
+        reported and moved aside to ``<step>.unreadable`` (kept for inspection; the run will
+        write that step again). CheckpointError if none reads."""
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, fresh_state, data_iterator)
+            except Exception as error:  # orbax and tensorstore raise many kinds
+                reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+                failures.append((step, reason))
+                continue
+            for bad, reason in failures:
+                aside = self.directory / f"{bad}.unreadable"
+                suffix = 1
+                while aside.exists():
+                    aside, suffix = self.directory / f"{bad}.unreadable.{suffix}", suffix + 1
+                if jax.process_index() == 0:
+                    (self.directory / str(bad)).rename(aside)
+                print(f"warning: checkpoint {bad} cannot be read ({reason}); moved to {aside}; "
+                      f"resuming from checkpoint {step}", flush=True)
+            if failures:
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices("unreadable checkpoints moved")
+                self.manager.reload()
+            return state
+        raise CheckpointError(
+            f"{self.directory}: no checkpoint can be read ("
+            + "; ".join(f"step {s}: {r}" for s, r in failures)
+            + "); move the folder away to start again")
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -240,24 +272,45 @@ def load_workdir(
         options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
         chosen = _choose_step(manager, workdir, step)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shapes = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-            jax.eval_shape(lambda: get_family(config).init_variables(
-                config, jax.random.PRNGKey(0))))
-        params = shapes.pop("params")
-        keys = _saved_state_keys(workdir / CHECKPOINTS_DIR, chosen)
-        if "model_state" in keys:
-            use_ema = "ema_params" in keys and config.train.ema_decay > 0
-            item = {"ema_params" if use_ema else "params": params, "model_state": shapes}
-        else:
-            item = {"params": params, **shapes}
-        restored = manager.restore(chosen, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.PyTreeRestore(
-                item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                partial_restore=True)}))[STATE_ITEM]
+        candidates = [chosen]
+        if step == "latest":  # an unreadable newest checkpoint: the newest one that reads
+            candidates += sorted((s for s in manager.all_steps() if s < chosen), reverse=True)
+        for index, chosen in enumerate(candidates):
+            try:
+                restored = _restore_variables(manager, workdir, config, chosen)
+                break
+            except Exception as error:  # orbax and tensorstore raise many kinds
+                if index == len(candidates) - 1:
+                    raise CheckpointError(f"{workdir}: checkpoint {chosen} cannot be read "
+                                          f"({str(error).splitlines()[0][:200]})") from error
+                print(f"warning: {workdir}: checkpoint {chosen} cannot be read; using the one "
+                      "before", flush=True)
     finally:
         manager.close()
+    return config, _as_variables(restored, workdir, chosen), chosen
+
+
+def _restore_variables(manager: ocp.CheckpointManager, workdir: Path,
+                       config: ml_collections.ConfigDict, chosen: int) -> dict:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        jax.eval_shape(lambda: get_family(config).init_variables(
+            config, jax.random.PRNGKey(0))))
+    params = shapes.pop("params")
+    keys = _saved_state_keys(workdir / CHECKPOINTS_DIR, chosen)
+    if "model_state" in keys:
+        use_ema = "ema_params" in keys and config.train.ema_decay > 0
+        item = {"ema_params" if use_ema else "params": params, "model_state": shapes}
+    else:
+        item = {"params": params, **shapes}
+    return manager.restore(chosen, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)}))[STATE_ITEM]
+
+
+def _as_variables(restored: dict, workdir: Path, chosen: int) -> dict:
     missing = [jax.tree_util.keystr(path) for path, leaf in
                jax.tree_util.tree_leaves_with_path(restored)
                if isinstance(leaf, jax.ShapeDtypeStruct)]
@@ -269,4 +322,4 @@ def load_workdir(
                      **restored["model_state"]}
     else:
         variables = dict(restored)
-    return config, variables, chosen
+    return variables

@@ -25,7 +25,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from clipsep_jax import checkpoints, inference, sharding
+from clipsep_jax import checkpoints, errors, inference, sharding
 from clipsep_jax.families import get_family
 
 __all__ = ["run", "format_table", "main"]
@@ -120,9 +120,8 @@ def _main(argv) -> int:
         if config is None:
             config = checkpoints.load_config(f["workdir"])
         report, path = run(config, f["workdir"], f["checkpoint"], f["model_kind"])
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except errors.USER_ERRORS as e:
+        return errors.report(e)
     if jax.process_index() == 0:
         print(format_table(report))
         print(f"written: {path} and {path.with_suffix('.md')}")
@@ -131,7 +130,7 @@ def _main(argv) -> int:
 
 def main() -> None:
     _define_flags()
-    app.run(lambda argv: sys.exit(_main(argv)))
+    app.run(lambda argv: sys.exit(_main(argv)), flags_parser=errors.parse_flags)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ for every family:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,6 +67,11 @@ def open_split(data: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
     records stay in memory once read when ``data.cache_in_memory``."""
     if not data.data_dir:
         raise ValueError("config.data.data_dir is empty: point it at data_prep's --data_dir")
+    if not os.path.isdir(os.path.join(data.data_dir, data.name)):
+        raise FileNotFoundError(
+            f"config.data.data_dir={data.data_dir}: no dataset {data.name!r} there (no folder "
+            f"{os.path.join(data.data_dir, data.name)}); prepare it with python -m data_prep.build "
+            "--data_dir=... or point config.data.data_dir at data_prep's output")
     builder = tfds.builder(data.name, data_dir=data.data_dir)
     sources = builder.as_data_source()
     if split not in sources:

@@ -17,7 +17,8 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from clipsep_jax import evaluate, sharding, train
+from clipsep_jax import config as config_lib
+from clipsep_jax import errors, evaluate, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
@@ -50,28 +51,43 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required")
     if not flags.FLAGS["verbosity"].present:  # progress lines are printed; libraries' INFO
         logging.set_verbosity(logging.WARNING)  # logs come back with --verbosity=0
-    sharding.initialize_distributed(_DISTRIBUTED.value)
-    print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} "
-          f"devices ({jax.local_device_count()} local, {jax.devices()[0].platform})", flush=True)
-
-    config = _CONFIG.value
-    if config.data.prepare_if_missing:
-        _prepare_dataset(config)
     try:
-        train.train_and_evaluate(config, _WORKDIR.value)
+        sys.exit(_run(errors.config_value(_CONFIG), _WORKDIR.value))
+    except KeyboardInterrupt:  # before or after the loop, which saves and stops on its own
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def _run(config, workdir: str) -> int:
+    """Trains and evaluates; the exit code: 0 done, 1 non-finite loss, 2 a user error,
+    128 + the signal after a SIGTERM (pre-empted) or SIGINT (interrupted), checkpoint saved."""
+    try:
+        config_lib.validate(config)
+        sharding.initialize_distributed(_DISTRIBUTED.value)
+        print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} "
+              f"devices ({jax.local_device_count()} local, {jax.devices()[0].platform})",
+              flush=True)
+        if config.data.prepare_if_missing:
+            _prepare_dataset(config)
+        train.train_and_evaluate(config, workdir)
+        if config.eval.after_training:
+            report, path = evaluate.run(config, workdir, "best")
+            if jax.process_index() == 0:
+                print("\n" + evaluate.format_table(report), flush=True)
+                print(f"evaluation: {path.with_suffix('.md')} and {path.name}", flush=True)
+                for folder in report.get("audio_examples", []):
+                    print(f"example separation: {folder}/", flush=True)
     except train.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    if config.eval.after_training:
-        report, path = evaluate.run(config, _WORKDIR.value, "best")
-        if jax.process_index() == 0:
-            print("\n" + evaluate.format_table(report), flush=True)
-            print(f"evaluation: {path.with_suffix('.md')} and {path.name}", flush=True)
-            for folder in report.get("audio_examples", []):
-                print(f"example separation: {folder}/", flush=True)
+        return errors.report(e, code=1)
+    except train.Stopped as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return 128 + e.signal_number
+    except errors.USER_ERRORS as e:
+        return errors.report(e)
     if jax.process_count() > 1:  # no host leaves while another still needs it
         multihost_utils.sync_global_devices("run finished")
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.parse_flags)

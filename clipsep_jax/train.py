@@ -231,29 +231,85 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped on a NaN or infinite loss; the message names the last good checkpoint."""
 
 
+class Stopped(RuntimeError):  # noqa: N818 (it is how the run ended, not a failure)
+    """Training stopped on SIGTERM (pre-emption) or SIGINT (interrupted) after saving a
+    checkpoint; ``signal_number`` says which, ``step`` where."""
+
+    def __init__(self, signal_number: int, step: int, directory: str):
+        self.signal_number, self.step = signal_number, step
+        how = "pre-empted (SIGTERM)" if signal_number == signal.SIGTERM else "interrupted"
+        super().__init__(f"{how} at step {step}: checkpoint saved in {directory}; run the same "
+                         "command to resume")
+
+
 class _StopSignal:
-    """Records SIGTERM (pre-emption) while installed; on several hosts they agree on whether any
-    of them got it, so all stop at the same step."""
+    """Records SIGTERM (pre-emption) and SIGINT while installed; on several hosts they agree on
+    whether any of them got one, so all stop at the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
-        self.previous = None
+        self.previous: dict = {}
 
     def __enter__(self) -> _StopSignal:
-        self.previous = signal.signal(signal.SIGTERM, self._record)
+        self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _record(self, signum, frame) -> None:
         self.received = signum
 
-    def any_host(self) -> bool:
+    def any_host(self) -> int | None:
+        """The signal any host received (SIGTERM if several), or None."""
         if jax.process_count() == 1:
-            return self.received is not None
-        flags = multihost_utils.process_allgather(np.int32(self.received is not None))
-        return bool(np.any(flags))
+            return self.received
+        received = multihost_utils.process_allgather(np.int32(self.received or 0))
+        received = [int(r) for r in np.ravel(received) if r]
+        return signal.SIGTERM if signal.SIGTERM in received else (received[0] if received
+                                                                  else None)
+
+
+# Fields that shape the train state: a run cannot resume with other values.
+_STATE_SHAPING = ("model", "num_sources")
+
+
+def _config_mismatch(saved: ml_collections.ConfigDict,
+                     config: ml_collections.ConfigDict) -> list[str]:
+    """'field: saved value, given value' for each field that shapes the train state."""
+    def flat(c):
+        out = {}
+        for key in _STATE_SHAPING:
+            value = c[key]
+            if isinstance(value, ml_collections.ConfigDict):
+                out.update({f"{key}.{k}": v for k, v in _flatten(value.to_dict())})
+            else:
+                out[key] = value
+        out["train.ema_decay > 0"] = c.train.ema_decay > 0
+        out["train.weight_decay > 0"] = c.train.weight_decay > 0
+        return out
+
+    a, b = flat(saved), flat(config)
+    return [f"{k}: {a.get(k)!r} in the run, {b.get(k)!r} given" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def _trim_log(path: str, step: int) -> None:
+    """Drops the lines of steps after ``step`` (written after the checkpoint a resumed run
+    starts from), so the log holds every step once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as f:
+            f.writelines(kept)
+        os.replace(temporary, path)
 
 
 def _variables(state: TrainState) -> dict:
@@ -264,7 +320,10 @@ def _variables(state: TrainState) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config`` with checkpoints, logs and validation in ``workdir``; resumes from the
-    last checkpoint there. Every host runs this. Returns the final state.
+    last checkpoint there (the newest intact one). Every host runs this. Returns the final state;
+    raises :class:`Stopped` after saving on SIGTERM / SIGINT, :class:`NonFiniteLossError` on a
+    NaN or infinite loss, ValueError naming the field or file for a config or workdir it cannot
+    use.
 
     ``workdir/config.json`` is written once the state exists (restored or new), so a failed
     start leaves an existing run's files as they were."""
@@ -274,6 +333,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config)
     t = config.train
+    if t.batch_size % mesh.devices.size:
+        raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by the "
+                         f"{mesh.devices.size} devices")
 
     train_source, metadata = input_pipeline.open_split(config.data, config.data.train_split)
     val_source, _ = input_pipeline.open_split(config.data, config.data.val_split)
@@ -289,9 +351,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                             out_shardings=sharding.replicated(mesh))
 
     saved = checkpoints.TrainingCheckpoints(workdir, t.keep_checkpoints)
+    log_path = os.path.join(workdir, "train_log.jsonl")
     if saved.latest_step() is not None:
-        state = saved.restore(saved.latest_step(), state, batches.grain_iterator)
+        if os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)):
+            differences = _config_mismatch(checkpoints.load_config(workdir), config)
+            if differences:
+                raise checkpoints.CheckpointError(
+                    f"{workdir} holds a run of another model, which this config cannot resume: "
+                    + "; ".join(differences) + f". Use a new --workdir, or the run's own config "
+                    f"(--config=configs/from_workdir.py:{workdir})")
+        state = saved.restore_newest_intact(state, batches.grain_iterator)
         print(f"resumed from step {int(state.step)} in {saved.directory}", flush=True)
+        if is_main:
+            _trim_log(log_path, int(state.step))
     if is_main:
         checkpoints.write_config(workdir, config)
     start_step = int(state.step)
@@ -299,7 +371,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if start_step == 0:
         writer.write_hparams(dict(_flatten(config.to_dict())))
 
-    log_path = os.path.join(workdir, "train_log.jsonl")
     history: list[dict] = []
     timer = time.perf_counter()
     timer_step = start_step
@@ -354,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     }
                     writer.write_scalars(step, scalars)
                     eta = (t.num_steps - step) / max(rate, 1e-9)
-                    append_log({"step": step, **scalars, "loss": window[-1]["loss"]})
+                    append_log({"step": step, **scalars, "last_loss": window[-1]["loss"]})
                     if is_main:
                         print(f"step {step}/{t.num_steps}  loss {scalars['loss']:.4f}  "
                               f"{rate:.2f} steps/s  {rate * t.batch_size:.1f} examples/s  "
@@ -378,8 +449,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if checkpoint_now or validate_now or stopping:
                     saved.save(step, state, batches.grain_iterator, val_scalars)
                 if stopping:
-                    print(f"SIGTERM: saved step {step}; stopping", flush=True)
-                    break
+                    saved.wait()
+                    raise Stopped(stopping, step, str(saved.directory))
             if pending is not None:
                 check(pending)
     finally:

@@ -43,9 +43,12 @@ def test_training_loss_falls_and_writes_logs(trained_workdir):
                for name in os.listdir(os.path.join(trained_workdir, "logs")))
 
 
-def run_main(workdir, *overrides, wait=True):
+def run_main(workdir, *overrides, wait=True, devices=1):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device in the subprocess
+    env.pop("CLIPSEP_DEBUG", None)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     command = [sys.executable, "-m", "clipsep_jax.main",
                f"--config={ROOT / 'configs' / 'music_clipsep.py'}", f"--workdir={workdir}",
                *overrides]
@@ -143,8 +146,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(generated_dataset, tmp_path, monke
         return batch
 
     wrap_training_batches(monkeypatch, preempted)
-    state = train.train_and_evaluate(config, str(tmp_path))
-    assert int(state.step) == 13
+    with pytest.raises(train.Stopped, match="pre-empted .SIGTERM. at step 13: checkpoint saved"):
+        train.train_and_evaluate(config, str(tmp_path))
     assert (tmp_path / "checkpoints" / "13").is_dir()
 
 
@@ -205,3 +208,89 @@ def test_a_workdir_of_the_layout_before_the_family_redesign_loads_and_resumes(
     loaded_config.train.num_steps = 12
     resumed = train.train_and_evaluate(loaded_config, str(old))
     assert int(resumed.step) == 12
+
+
+def assert_one_line_error(output: str, *fragments: str) -> None:
+    """A user error: 'error: ...' naming the value, no traceback."""
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+def test_ordinary_mistakes_get_one_line_and_exit_code_2(generated_dataset, tmp_path):
+    args = overrides(generated_dataset, 10)
+    code, output = run_main(tmp_path / "a", *args, "--config.train.batchsize=8")
+    assert code == 2
+    assert_one_line_error(output, "--config", "batchsize", 'Did you mean "batch_size"')
+    code, output = run_main(tmp_path / "b", *args, "--config.train.batch_size=12", devices=8)
+    assert code == 2
+    assert_one_line_error(output, "config.train.batch_size=12", "8 devices")
+    code, output = run_main(tmp_path / "c", *args, f"--config.data.data_dir={tmp_path / 'none'}")
+    assert code == 2 and len(output.splitlines()) < 15, output
+    assert_one_line_error(output, "config.data.data_dir=", "no dataset 'music'")
+    assert not any((tmp_path / d / "config.json").exists() for d in "abc")
+
+
+def corrupt(step_folder) -> None:
+    """Overwrites every file of a checkpoint's train state with garbage of the same size."""
+    for path in (step_folder / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00garbage" * (path.stat().st_size // 8 + 1))
+
+
+def test_a_failed_resume_leaves_the_run_intact_and_a_corrupt_checkpoint_is_skipped(
+    generated_dataset, tmp_path
+):
+    workdir = tmp_path / "run"
+    args = overrides(generated_dataset, 20)
+    code, output = run_main(workdir, *args)
+    assert code == 0, output
+    saved_config = (workdir / "config.json").read_bytes()
+    log = (workdir / "train_log.jsonl").read_text()
+
+    # Another model in the same workdir: explained field by field, nothing on disk changes.
+    code, output = run_main(workdir, *args, "--config.model.base_width=4",
+                            "--config.train.num_steps=30")
+    assert code == 2
+    assert_one_line_error(output, "another model", "model.base_width: 8 in the run, 4 given")
+    assert (workdir / "config.json").read_bytes() == saved_config
+    assert (workdir / "train_log.jsonl").read_text() == log
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "10", "20"]
+
+    # The newest checkpoint unreadable: reported, the one before used; the log keeps each step
+    # once.
+    corrupt(workdir / "checkpoints" / "20")
+    code, output = run_main(workdir, *overrides(generated_dataset, 22))
+    assert code == 0, output
+    assert "checkpoint 20 cannot be read" in output and "resumed from step 10" in output
+    assert (workdir / "checkpoints" / "20.unreadable").is_dir()  # kept, not deleted
+    steps = [json.loads(line)["step"] for line in
+             (workdir / "train_log.jsonl").read_text().splitlines()
+             if "validation_loss" not in line]
+    assert steps == list(range(1, 23)), steps
+
+
+@pytest.mark.parametrize(("signal_number", "code", "word"), [
+    (signal.SIGTERM, 143, "pre-empted"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_saves_and_stops_without_evaluating(generated_dataset, tmp_path,
+                                                     signal_number, code, word):
+    workdir = tmp_path / "run"
+    process = run_main(workdir, *overrides(generated_dataset, 400),
+                       "--config.eval.after_training=True", wait=False)
+    log = workdir / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and (
+            not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    sent = time.time()
+    process.send_signal(signal_number)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == code, output[-3000:]
+    assert time.time() - sent < 30
+    assert word in output and "checkpoint saved" in output and "Traceback" not in output
+    assert not (workdir / "evaluation").exists()
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) >= 3
