@@ -241,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         separator = get_family(config).separator(
             config, variables, clip=args.clip, window_frames=args.window_frames,
             overlap_frames=args.overlap_frames)
+        separator.check_queries(queries)
+        _check_output_dir(Path(args.output_dir))
     except SeparationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -255,11 +257,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{path} -> {folder}/ ({', '.join(f'{s}.wav' for s in stems)})", flush=True)
         except SeparationError as e:
             failed.append(path)
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+            print(f"error: {message}", file=sys.stderr, flush=True)
     if len(inputs) > 1 or failed:
         print(f"{len(inputs) - len(failed)} of {len(inputs)} files separated"
               + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     return 2 if failed else 0
+
+
+def _check_output_dir(folder: Path) -> None:
+    """Refuses, before any work, an output folder that cannot be created or written."""
+    if folder.exists() and not folder.is_dir():
+        raise SeparationError(f"--output-dir {folder}: is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SeparationError(f"--output-dir {folder}: cannot create it ({e.strerror})") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SeparationError(f"--output-dir {folder}: not writable")
 
 
 def _input_files(path: str, output_dir: str) -> tuple[list[str], str | None]:

@@ -70,6 +70,32 @@ def test_short_and_silent_input(separator):
     assert out["tuba"].shape == (100,) and not out["tuba"].any()
     out = separator.separate(np.zeros(16000 * 2, np.float32), 8000, ["tuba"])
     assert out["tuba"].shape == (32000,) and np.isfinite(out["tuba"]).all()
+    # Shorter than one STFT window (0.01 s): the query gets silence, the residual everything.
+    short = two_instrument_mix(0.01)[2]
+    out = separator.separate(short, 16000, ["tuba"])
+    assert not out["tuba"].any()
+    np.testing.assert_array_equal(out["residual"], short)
+
+
+def test_outputs_add_up_to_a_44k_stereo_input(separator):
+    """One query: its output plus the residual is the input, and what the 16 kHz model cannot
+    see (here a 12 kHz tone) stays in the residual."""
+    rate = 44100
+    accordion, tuba, _ = two_instrument_mix(4.0, rate=rate)
+    t = np.arange(len(tuba)) / rate
+    high = (0.1 * np.sin(2 * np.pi * 12000 * t)).astype(np.float32)
+    stereo = np.stack([(accordion + tuba) / 2 + high, (accordion + tuba) / 2 - high], axis=1)
+    out = separator.separate(stereo, rate, ["tuba"])
+    total = out["tuba"] + out["residual"]
+    assert np.abs(total - stereo).max() <= 1e-3 * np.abs(stereo).max()
+
+    def band_energy(x):
+        spectrum = np.abs(np.fft.rfft(x[:, 0]))
+        frequencies = np.fft.rfftfreq(len(x), 1 / rate)
+        return float(np.sum(spectrum[(frequencies > 11500) & (frequencies < 12500)] ** 2))
+
+    assert band_energy(out["residual"]) > 0.99 * band_energy(stereo)
+    assert band_energy(out["tuba"]) < 1e-6 * band_energy(stereo)
 
 
 def test_command_writes_every_query_and_the_residual(trained_workdir, tiny_clip_folder,
@@ -177,18 +203,40 @@ def test_unique_names_and_a_batch_that_goes_on(trained_workdir, tiny_clip_folder
     (["--input", "{tmp}/ok.wav", "--text", " "], "--text: empty query"),
     (["--input", "{tmp}/ok.wav"], "no queries"),
     (["--input", "{tmp}/ok.wav", "--image", "{tmp}/notes.txt"], "notes.txt: cannot read the image"),
+    (["--input", "{tmp}/empty.wav", "--text", "tuba"], "empty.wav: expected audio"),
+    (["--input", "{tmp}/nan.wav", "--text", "tuba"], "nan.wav: the recording contains NaN"),
+    (["--input", "{tmp}/ok.wav", "--text", "tuba", "--clip", "{tmp}/nowhere"],
+     "nowhere' cannot be loaded"),
+    (["--input", "{tmp}/ok.wav", "--text", "tuba", "--output-dir", "{tmp}/notes.txt"],
+     "notes.txt: is a file"),
 ])
 def test_bad_input_gives_a_clear_error(trained_workdir, tiny_clip_folder, tmp_path, capsys,
                                        args, message):
     (tmp_path / "noise.wav").write_bytes(b"RIFF????WAVEjunk")
     (tmp_path / "notes.txt").write_text("hello")
     sf.write(tmp_path / "ok.wav", np.zeros(1600, np.float32), 16000)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    sf.write(tmp_path / "nan.wav", np.full(1600, np.nan, np.float32), 16000, subtype="FLOAT")
     args = [a.format(tmp=tmp_path) for a in args]
     code = main(["--workdir", trained_workdir, "--clip", tiny_clip_folder,
                  "--output-dir", str(tmp_path / "out"), *args])
     assert code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert (tmp_path / "notes.txt").read_text() == "hello"
+
+
+def test_the_command_line_reports_a_user_error_in_one_line(tmp_path):
+    """The command as a user runs it: exit code 2, one line naming the value, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "clipsep_jax.separate", "--checkpoint", str(tmp_path / "none"),
+         "--input", str(tmp_path), "--text", "violin", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, check=False,
+        env={k: v for k, v in os.environ.items() if k != "CLIPSEP_DEBUG"})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "no audio or video files in this folder" in result.stderr
 
 
 def test_converted_reference_checkpoint_and_model_kind_errors(tmp_path, capsys):

@@ -137,6 +137,9 @@ class Family(abc.ABC):
         raise ValueError(f"model kind {kind!r} has no reference-checkpoint converter")
 
     def separator(self, config: ml_collections.ConfigDict, variables: dict, **kwargs: Any):
-        """An object with ``separate(waveform, sample_rate, queries, channels=...)`` (see
+        """An object with ``check_queries(queries)``, ``separate_in_order(waveform,
+        sample_rate, queries, channels=...)`` (estimates in the queries' order, then the
+        residual) and ``separate(...)`` (the same as a dict), raising
+        ``clipsep_jax.separation.SeparationError`` for bad input (see
         :class:`clipsep_jax.families.clipsep.separator.Separator`)."""
         raise ValueError(f"model kind {config.model.kind!r} does not separate recordings")

@@ -85,8 +85,20 @@ class Separator:
         """The query encoder (``config.query.encoder``), loaded on first use."""
         if self._clip is None or isinstance(self._clip, str):
             q = self.config.query
-            self._clip = load_encoder(q.encoder, self._clip or q.encoder_model)
+            name = self._clip or q.encoder_model
+            try:
+                self._clip = load_encoder(q.encoder, name)
+            except (OSError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise SeparationError(f"the query encoder {name!r} cannot be loaded ({first}); "
+                                      "give a local folder or a hub id in the cache (--clip)"
+                                      ) from e
         return self._clip
+
+    def check_queries(self, queries: Sequence[str | np.ndarray]) -> None:
+        """Embeds the queries once (loading the encoder): bad queries or a missing encoder are
+        found before any recording is read."""
+        self.embed_queries(queries)
 
     def embed_queries(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
         """Texts ("playing bagpipes" -> "a photo of playing bagpipes") or uint8 RGB images
@@ -157,23 +169,32 @@ class Separator:
 
     def separate_mono(self, waveform: np.ndarray, embeddings: np.ndarray,
                       one_pass: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """16 kHz mono [S] -> (estimates [N, S], residual [S])."""
+        """16 kHz mono [S] -> (estimates [N, S], residual [S]): the residual is the recording minus
+        the union of the queries' masks applied to it, so with one query the two add up to the
+        recording. A recording shorter than one STFT window (``n_fft`` samples) or silent comes
+        back as silent estimates and itself as the residual."""
         a = self.config.audio
         length = len(waveform)
+        waveform = waveform.astype(np.float32)
+        if length < a.n_fft or not np.any(waveform):
+            return np.zeros((len(embeddings), length), np.float32), waveform.copy()
         padded = np.pad(waveform.astype(np.float32), (0, max(0, a.n_fft - length)))
         mix_stft = audio.stft_numpy(padded, n_fft=a.n_fft, hop_length=a.hop_length,
                                     win_length=a.win_length)
         probabilities = self.masks(mix_stft, embeddings, one_pass)
         waves = np.asarray(self._reconstruct(jnp.asarray(probabilities), jnp.asarray(mix_stft),
                                              len(padded)))[:, :length]
-        return waves[:-1], waves[-1]
+        return waves[:-1], waveform - waves[-1]
 
     def separate_in_order(self, waveform: np.ndarray, sample_rate: int,
                           queries: Sequence[str | np.ndarray], *, channels: str = "each",
                           one_pass: bool = False) -> list[np.ndarray]:
         """A recording [samples] or [samples, channels] at any rate -> one estimate per query,
-        in the queries' order, then the residual (what no query took); each like the input
-        (rate, length, channels). ``channels``: "each" (per channel) or "downmix"."""
+        in the queries' order, then the residual: the input minus what the queries took (their
+        masks' union), at the input's rate, so that with one query the two add up to the input
+        and content the 16 kHz model cannot see stays in the residual. Each output is like the
+        input (rate, length, channels). ``channels``: "each" (per channel) or "downmix" (the
+        mean separated and written to every channel; the residual is then the mean's)."""
         waveform = np.asarray(waveform, np.float32)
         mono_input = waveform.ndim == 1
         data = waveform[:, None] if mono_input else waveform
@@ -189,11 +210,13 @@ class Separator:
         lanes = [data.mean(axis=1)] if channels == "downmix" else list(data.T)
         per_lane = []
         for lane in lanes:
-            estimates, residual = self.separate_mono(audio.resample(lane, sample_rate, rate),
-                                                     embeddings, one_pass)
-            back = [_fit(audio.resample(x, rate, sample_rate), len(data))
-                    for x in [*estimates, residual]]
-            per_lane.append(back)
+            at_rate = audio.resample(lane, sample_rate, rate)
+            estimates, residual = self.separate_mono(at_rate, embeddings, one_pass)
+            back = [_fit(audio.resample(x, rate, sample_rate), len(data)) for x in estimates]
+            # The residual at the input's rate is the input minus what the queries took: what
+            # the model cannot see (above rate / 2) stays in it, and nothing of the input is lost.
+            union = _fit(audio.resample(at_rate - residual, rate, sample_rate), len(data))
+            per_lane.append([*back, lane - union])
         outputs = []
         for index in range(len(queries) + 1):
             stacked = np.stack([lane[index] for lane in per_lane], axis=1)
@@ -225,9 +248,10 @@ def _fit(x: np.ndarray, length: int) -> np.ndarray:
 
 def _masks_to_waveforms(config, probabilities, mix_stft, length):
     """Mask probabilities [N, F', T] and the mixture STFT [513, T] -> waveforms [N + 1, length]:
-    each query's binary mask, then the residual (1 - their union)."""
-    masks = with_residual(linear_masks(config, probabilities))
-    return masked_waveforms(config, masks, mix_stft, length)
+    each query's binary mask applied, then their union's (what the queries took together)."""
+    masks = linear_masks(config, probabilities)
+    union = 1.0 - with_residual(masks)[-1:]
+    return masked_waveforms(config, jnp.concatenate([masks, union]), mix_stft, length)
 
 
 def _query_probabilities(config, variables, magnitudes, queries):
