@@ -31,6 +31,7 @@ import time
 import tensorflow_datasets as tfds
 from absl import app, flags
 
+from clipsep_jax import errors
 from clipsep_jax.encoders.clip import DEFAULT_CLIP, TEXT_TEMPLATE
 from data_prep.builders import BUILDERS, InputOptions, clear_work_dir, skip_summary
 from data_prep.extract import ExtractOptions
@@ -208,7 +209,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _DATASET.value is None:
         raise app.UsageError("--dataset is required (music or vggsound)")
-    builder, seconds = build_dataset()
+    try:
+        builder, seconds = build_dataset()
+    except errors.USER_ERRORS as e:  # the message names the file, split or value
+        sys.exit(errors.report(e))
     print_summary(builder, seconds)
     sys.stdout.flush()
 

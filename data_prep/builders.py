@@ -199,8 +199,14 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         by_split = collections.defaultdict(list)
         for source in sources:
             by_split[source.split].append(source)
-        if not by_split:
-            raise ValueError(f"{manual_dir}: no usable clips listed ({len(skips)} skipped)")
+        listed = {s.split for s in skips} | set(by_split)
+        empty = sorted(split for split in listed if not by_split.get(split))
+        if empty:
+            report = write_skip_report(self._work_report_dir(), skips)
+            raise ValueError(
+                f"{manual_dir}: no usable clip listed for split(s) {', '.join(empty)}; "
+                f"{len(skips)} rows skipped, listed with their reasons in {report} ("
+                + ", ".join(f"{n} x {r}" for r, n in skip_summary(skips).items()) + ")")
         return {split: self._generate_examples(split, items) for split, items in by_split.items()}
 
     def _generate_examples(self, split: str, sources: Sequence[ClipSource]):
@@ -246,6 +252,7 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             dynamic_ncols=True,
         )
         reused = 0
+        yielded = 0
         for index, shard in enumerate(shards):
             path = self._shard_path(split, index, shard)
             if os.path.exists(path):
@@ -262,13 +269,26 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             for clip in clips:
                 self._notes.update(clip.notes)
                 text = self._text_embeddings(clip.source.label)
+                yielded += 1
                 yield clip.source.clip_id, make_example(clip, text, self.options)
         progress.close()
+        if not yielded:
+            split_skips = [s for s in self._skips if s.split == split]
+            report = write_skip_report(self._work_report_dir(), self._skips)
+            raise ValueError(
+                f"split {split}: all {len(sources)} clips were skipped, listed with their reasons "
+                f"in {report} (" + ", ".join(
+                    f"{n} x {r}" for r, n in skip_summary(split_skips).items()) + ")")
         if reused:
             print(
                 f"{self.name} {split}: reused {reused} of {len(shards)} finished work shards",
                 file=sys.stderr,
             )
+
+    def _work_report_dir(self) -> str:
+        """Where the skip report goes when no dataset is written (the work folder)."""
+        os.makedirs(self.work_dir, exist_ok=True)
+        return self.work_dir
 
     def _text_embeddings(self, label: str):
         return self._extractor_instance().text_embeddings(label)

@@ -293,3 +293,42 @@ def test_bad_arguments_are_named(tmp_path, tiny_clip_dir):
                 f"--clip={tiny_clip_dir}",
             ]
         )
+
+
+def run_build(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CLIPSEP_DEBUG"}
+    return subprocess.run([sys.executable, "-m", "data_prep.build", "--dataset=music", *args],
+                          capture_output=True, text=True, check=False, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_a_split_without_usable_clips_is_refused_with_its_report(tmp_path, tiny_clip_dir):
+    """train.csv rows of two columns: refused naming the split (it used to build a dataset
+    without a train split); swapped columns: every clip skipped, refused with the report kept
+    (it used to end in TFDS's AssertionError with no report)."""
+    root = tmp_path / "in"
+    index_tree(root)
+    with open(root / "train.csv") as f:
+        rows = list(csv.reader(f))
+    with open(root / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([r[:2] for r in rows])
+    result = run_build(f"--manual_dir={root}", f"--data_dir={tmp_path / 'out'}",
+                       f"--clip={tiny_clip_dir}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "no usable clip listed for split(s) train" in result.stderr
+    report = result.stderr.split(" in ")[1].split(" (")[0]
+    with open(report) as f:
+        assert "train" in f.read()
+    assert not list((tmp_path / "out").rglob("dataset_info.json"))
+
+    with open(root / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([[r[1], r[0], *r[2:]] for r in rows])
+    result = run_build(f"--manual_dir={root}", f"--data_dir={tmp_path / 'out2'}",
+                       f"--clip={tiny_clip_dir}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "split train: all" in result.stderr and "clips were skipped" in result.stderr
+    report = result.stderr.split("reasons in ")[1].split(" (")[0]
+    with open(report) as f:
+        assert len(f.read().splitlines()) > 1
