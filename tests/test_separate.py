@@ -1,6 +1,7 @@
 """Separation of recordings: chunked = one pass, any rate and channels, files, bad input."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -127,30 +128,43 @@ def test_folder_mode_and_mp3(trained_workdir, tiny_clip_folder, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b"]
 
 
-def run_separate(trained_workdir, tiny_clip_folder, *args) -> int:
-    return main(["--workdir", trained_workdir, "--clip", tiny_clip_folder, *map(str, args)])
+class Printed:
+    """What a finished command printed (the ``capsys.readouterr()`` shape)."""
+
+    def __init__(self, out: str, err: str):
+        self.out, self.err = out, err
 
 
-def test_never_replaces_what_it_did_not_write(trained_workdir, tiny_clip_folder, tmp_path,
-                                             capsys):
+def run_separate(trained_workdir, tiny_clip_folder, *args) -> tuple[int, Printed]:
+    """``python -m clipsep_jax.separate`` as the user runs it: (exit code, what it printed)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CLIPSEP_DEBUG", "XLA_FLAGS")}
+    result = subprocess.run(
+        [sys.executable, "-m", "clipsep_jax.separate", "--workdir", trained_workdir, "--clip",
+         tiny_clip_folder, *map(str, args)], capture_output=True, text=True, check=False,
+        env=env)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.returncode, Printed(result.stdout, result.stderr)
+
+
+def test_never_replaces_what_it_did_not_write(trained_workdir, tiny_clip_folder, tmp_path):
     _, _, mix = two_instrument_mix(1.0)
     home = tmp_path / "h"
     (home / "Documents").mkdir(parents=True)
     (home / "Documents" / "taxes.txt").write_text("x")
     sf.write(home / "Documents.wav", mix, 16000)
-    code = run_separate(trained_workdir, tiny_clip_folder, "--input", home / "Documents.wav",
-                        "--text", "violin", "--output-dir", home)
-    assert code == 2 and "was not written by clipsep_jax.separate" in capsys.readouterr().err
+    code, printed = run_separate(trained_workdir, tiny_clip_folder, "--input",
+                                 home / "Documents.wav", "--text", "violin", "--output-dir", home)
+    assert code == 2 and "was not written by clipsep_jax.separate" in printed.err
     assert sorted(p.name for p in (home / "Documents").iterdir()) == ["taxes.txt"]
 
     # Its own earlier outputs: refused without --overwrite, replaced file by file with it.
     out = tmp_path / "out"
     args = ["--input", home / "Documents.wav", "--text", "violin", "--output-dir", out]
-    assert run_separate(trained_workdir, tiny_clip_folder, *args) == 0
+    assert run_separate(trained_workdir, tiny_clip_folder, *args)[0] == 0
     (out / "Documents" / "notes.txt").write_text("mine")
-    assert run_separate(trained_workdir, tiny_clip_folder, *args, "--text", "tuba") == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert run_separate(trained_workdir, tiny_clip_folder, *args, "--overwrite") == 0
+    code, printed = run_separate(trained_workdir, tiny_clip_folder, *args, "--text", "tuba")
+    assert code == 2 and "--overwrite" in printed.err
+    assert run_separate(trained_workdir, tiny_clip_folder, *args, "--overwrite")[0] == 0
     assert sorted(p.name for p in (out / "Documents").iterdir()) == [
         ".clipsep-separate.json", "notes.txt", "residual.wav", "violin.wav"]
     assert ((out / "Documents").stat().st_mode & 0o777) == 0o777 & ~_umask()
@@ -162,8 +176,7 @@ def _umask() -> int:
     return mask
 
 
-def test_unique_names_and_a_batch_that_goes_on(trained_workdir, tiny_clip_folder, tmp_path,
-                                               capsys):
+def test_unique_names_and_a_batch_that_goes_on(trained_workdir, tiny_clip_folder, tmp_path):
     _, _, mix = two_instrument_mix(1.0)
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
@@ -173,8 +186,8 @@ def test_unique_names_and_a_batch_that_goes_on(trained_workdir, tiny_clip_folder
     out = folder / "separated"  # inside the input folder: not read back as input
     args = ["--input", folder, "--output-dir", out, "--text", "violin", "--text", "violin",
             "--text", "residual"]
-    assert run_separate(trained_workdir, tiny_clip_folder, *args) == 2
-    printed = capsys.readouterr()
+    code, printed = run_separate(trained_workdir, tiny_clip_folder, *args)
+    assert code == 2
     assert "bad.wav: cannot read audio" in printed.err
     assert "4 of 5 files separated; failed: " in printed.out and "bad.wav" in printed.out
     assert "query 'violin' -> violin_2.wav" in printed.out
@@ -192,8 +205,23 @@ def test_unique_names_and_a_batch_that_goes_on(trained_workdir, tiny_clip_folder
     assert not np.allclose(violin, residual)
     # A second run finds its own outputs and refuses them (no --overwrite), but reads none of
     # them as input.
-    assert run_separate(trained_workdir, tiny_clip_folder, *args) == 2
-    assert "0 of 5 files separated" in capsys.readouterr().out
+    code, printed = run_separate(trained_workdir, tiny_clip_folder, *args)
+    assert code == 2 and "0 of 5 files separated" in printed.out
+
+
+def test_an_unreadable_checkpoint_is_one_line(trained_workdir, tiny_clip_folder, tmp_path):
+    from test_training import corrupt
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    for step in (workdir / "checkpoints").iterdir():
+        if step.name.isdigit():
+            corrupt(step)
+    _, _, mix = two_instrument_mix(1.0)
+    sf.write(tmp_path / "mix.wav", mix, 16000)
+    code, printed = run_separate(str(workdir), tiny_clip_folder, "--input", tmp_path / "mix.wav",
+                                 "--text", "tuba", "--output-dir", tmp_path / "out")
+    assert code == 2 and "cannot be read" in printed.err
 
 
 @pytest.mark.parametrize("args,message", [
