@@ -15,7 +15,7 @@ from PIL import Image
 
 from clipsep_jax.clip import CLIP
 from clipsep_jax.encoders.clip_towers import CLIPConfig, TowerConfig
-from clipsep_jax.separate import Separator, main, query_file_name
+from clipsep_jax.separate import Separator, main, output_names, query_file_name
 from clipsep_jax.separation import signal_to_distortion
 
 
@@ -222,6 +222,17 @@ def test_an_unreadable_checkpoint_is_one_line(trained_workdir, tiny_clip_folder,
     code, printed = run_separate(str(workdir), tiny_clip_folder, "--input", tmp_path / "mix.wav",
                                  "--text", "tuba", "--output-dir", tmp_path / "out")
     assert code == 2 and "cannot be read" in printed.err
+    result = subprocess.run(
+        [sys.executable, "-m", "clipsep_jax.evaluate", f"--workdir={workdir}",
+         "--checkpoint=latest"], capture_output=True, text=True, check=False,
+        env={k: v for k, v in os.environ.items() if k not in ("CLIPSEP_DEBUG", "XLA_FLAGS")})
+    assert result.returncode == 2 and "cannot be read" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_output_names_are_unique_and_never_the_residual():
+    assert output_names(["image_frame", "image_frame", "residual", "小提琴", "violin"]) == [
+        "image_frame", "image_frame_2", "residual_query", "query", "violin", "residual"]
 
 
 @pytest.mark.parametrize("args,message", [
