@@ -180,9 +180,12 @@ def _write_outputs(folder: Path, outputs: dict[str, np.ndarray], rate: int,
         for name in [*files, MANIFEST]:
             os.replace(tmp / name, folder / name)
         tmp.rmdir()
-    except OSError as e:
+    except (OSError, soundfile.SoundFileRuntimeError) as e:  # a full disk, among others
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SeparationError(f"{folder}: cannot write the outputs ({e.strerror or e})") from e
+        reason = getattr(e, "strerror", None) or str(e)
+        free = shutil.disk_usage(folder.parent).free
+        raise SeparationError(f"{folder}: cannot write the outputs ({reason}; {free:,} bytes "
+                              "free there)") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -318,3 +318,37 @@ def test_help():
     for flag in ("--checkpoint", "--workdir", "--input", "--text", "--image", "--output-dir",
                  "--channels"):
         assert flag in result.stdout
+
+
+@pytest.fixture
+def small_mounts(tmp_path):
+    """A full (64 KiB) and a read-only tmpfs, where this machine lets the tests mount them."""
+    full, readonly = tmp_path / "full", tmp_path / "readonly"
+    full.mkdir()
+    readonly.mkdir()
+    mounted = []
+    for folder, options in ((full, "size=64k"), (readonly, "ro,size=64k")):
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                capture_output=True, check=False)
+        if result.returncode != 0:
+            for m in mounted:
+                subprocess.run(["umount", str(m)], check=False)
+            pytest.skip("mounting a tmpfs needs privileges this machine does not give")
+        mounted.append(folder)
+    yield full, readonly
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_full_or_read_only_output_folder_is_one_line(trained_workdir, tiny_clip_folder,
+                                                       tmp_path, small_mounts):
+    full, readonly = small_mounts
+    _, _, mix = two_instrument_mix(3.0)
+    sf.write(tmp_path / "mix.wav", mix, 16000)
+    code, printed = run_separate(trained_workdir, tiny_clip_folder, "--input",
+                                 tmp_path / "mix.wav", "--text", "tuba", "--output-dir", readonly)
+    assert code == 2 and "not writable" in printed.err
+    code, printed = run_separate(trained_workdir, tiny_clip_folder, "--input",
+                                 tmp_path / "mix.wav", "--text", "tuba", "--output-dir", full)
+    assert code == 2 and "cannot write the outputs" in printed.err, printed.err
+    assert list(full.iterdir()) == []  # the half-written temporary folder is gone
