@@ -332,3 +332,11 @@ def test_a_split_without_usable_clips_is_refused_with_its_report(tmp_path, tiny_
     report = result.stderr.split("reasons in ")[1].split(" (")[0]
     with open(report) as f:
         assert len(f.read().splitlines()) > 1
+
+
+def test_a_manual_dir_without_index_files_is_one_line(tmp_path, tiny_clip_dir):
+    (tmp_path / "empty").mkdir()
+    result = run_build(f"--manual_dir={tmp_path / 'empty'}", f"--data_dir={tmp_path / 'out'}",
+                       f"--clip={tiny_clip_dir}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "neither train.csv" in result.stderr

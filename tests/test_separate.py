@@ -242,6 +242,23 @@ def test_output_names_are_unique_and_never_the_residual():
     (["--input", "{tmp}/ok.wav", "--text", " "], "--text: empty query"),
     (["--input", "{tmp}/ok.wav"], "no queries"),
     (["--input", "{tmp}/ok.wav", "--image", "{tmp}/notes.txt"], "notes.txt: cannot read the image"),
+])
+def test_bad_input_gives_a_clear_error(trained_workdir, tiny_clip_folder, tmp_path, capsys,
+                                       args, message):
+    (tmp_path / "noise.wav").write_bytes(b"RIFF????WAVEjunk")
+    (tmp_path / "notes.txt").write_text("hello")
+    sf.write(tmp_path / "ok.wav", np.zeros(1600, np.float32), 16000)
+    args = [a.format(tmp=tmp_path) for a in args]
+    code = main(["--workdir", trained_workdir, "--clip", tiny_clip_folder,
+                 "--output-dir", str(tmp_path / "out"), *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert (tmp_path / "notes.txt").read_text() == "hello"
+
+
+@pytest.mark.parametrize("args,message", [
     (["--input", "{tmp}/empty.wav", "--text", "tuba"], "empty.wav: expected audio"),
     (["--input", "{tmp}/nan.wav", "--text", "tuba"], "nan.wav: the recording contains NaN"),
     (["--input", "{tmp}/ok.wav", "--text", "tuba", "--clip", "{tmp}/nowhere"],
@@ -249,19 +266,15 @@ def test_output_names_are_unique_and_never_the_residual():
     (["--input", "{tmp}/ok.wav", "--text", "tuba", "--output-dir", "{tmp}/notes.txt"],
      "notes.txt: is a file"),
 ])
-def test_bad_input_gives_a_clear_error(trained_workdir, tiny_clip_folder, tmp_path, capsys,
-                                       args, message):
-    (tmp_path / "noise.wav").write_bytes(b"RIFF????WAVEjunk")
+def test_bad_files_and_values_as_the_user_types_them(trained_workdir, tiny_clip_folder,
+                                                    tmp_path, args, message):
     (tmp_path / "notes.txt").write_text("hello")
     sf.write(tmp_path / "ok.wav", np.zeros(1600, np.float32), 16000)
     sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
     sf.write(tmp_path / "nan.wav", np.full(1600, np.nan, np.float32), 16000, subtype="FLOAT")
-    args = [a.format(tmp=tmp_path) for a in args]
-    code = main(["--workdir", trained_workdir, "--clip", tiny_clip_folder,
-                 "--output-dir", str(tmp_path / "out"), *args])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    code, printed = run_separate(trained_workdir, tiny_clip_folder, "--output-dir",
+                                 tmp_path / "out", *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2 and message in printed.err, printed.err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     assert (tmp_path / "notes.txt").read_text() == "hello"
 

@@ -227,6 +227,9 @@ def test_ordinary_mistakes_get_one_line_and_exit_code_2(generated_dataset, tmp_p
     code, output = run_main(tmp_path / "b", *args, "--config.train.batch_size=12", devices=8)
     assert code == 2
     assert_one_line_error(output, "config.train.batch_size=12", "8 devices")
+    code, output = run_main(tmp_path / "b", *args, "--config.train.batch_size=0")
+    assert code == 2
+    assert_one_line_error(output, "config.train.batch_size=0")
     code, output = run_main(tmp_path / "c", *args, f"--config.data.data_dir={tmp_path / 'none'}")
     assert code == 2 and len(output.splitlines()) < 15, output
     assert_one_line_error(output, "config.data.data_dir=", "no dataset 'music'")
