@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from clipsep_jax import config as config_lib
+from clipsep_jax.errors import UserError
 from clipsep_jax.families import get_family
 
 __all__ = [
@@ -62,7 +63,7 @@ STATE_ITEM, DATA_ITEM = "state", "data"
 BEST_METRIC = "validation_loss"  # lower is better
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A path that holds no usable checkpoint; the message names it and says why."""
 
 
@@ -200,11 +201,13 @@ class TrainingCheckpoints:
         write that step again). CheckpointError if none reads."""
         failures = []
         for step in sorted(self.manager.all_steps(), reverse=True):
+            reason = None
             try:
                 state = self.restore(step, fresh_state, data_iterator)
             except Exception as error:  # orbax and tensorstore raise many kinds
                 reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-                failures.append((step, reason))
+            if not _all_hosts_agree(reason is None):  # every host resumes from the same step
+                failures.append((step, reason or "unreadable on another host"))
                 continue
             for bad, reason in failures:
                 aside = self.directory / f"{bad}.unreadable"
@@ -215,9 +218,9 @@ class TrainingCheckpoints:
                     (self.directory / str(bad)).rename(aside)
                 print(f"warning: checkpoint {bad} cannot be read ({reason}); moved to {aside}; "
                       f"resuming from checkpoint {step}", flush=True)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("checkpoint chosen")
             if failures:
-                if jax.process_count() > 1:
-                    multihost_utils.sync_global_devices("unreadable checkpoints moved")
                 self.manager.reload()
             return state
         raise CheckpointError(
@@ -231,6 +234,13 @@ class TrainingCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _all_hosts_agree(ok: bool) -> bool:
+    """Whether ``ok`` holds on every host (a collective: every host must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _abstract(tree: Any) -> Any:
@@ -275,16 +285,23 @@ def load_workdir(
         candidates = [chosen]
         if step == "latest":  # an unreadable newest checkpoint: the newest one that reads
             candidates += sorted((s for s in manager.all_steps() if s < chosen), reverse=True)
-        for index, chosen in enumerate(candidates):
+        first_error = None
+        for chosen in candidates:
+            restored, error = None, None
             try:
                 restored = _restore_variables(manager, workdir, config, chosen)
+            except Exception as e:  # orbax and tensorstore raise many kinds
+                error = e
+            if _all_hosts_agree(error is None):
                 break
-            except Exception as error:  # orbax and tensorstore raise many kinds
-                if index == len(candidates) - 1:
-                    raise CheckpointError(f"{workdir}: checkpoint {chosen} cannot be read "
-                                          f"({str(error).splitlines()[0][:200]})") from error
-                print(f"warning: {workdir}: checkpoint {chosen} cannot be read; using the one "
-                      "before", flush=True)
+            first_error = first_error or (chosen, error)
+            print(f"warning: {workdir}: checkpoint {chosen} cannot be read; trying the one "
+                  "before", flush=True)
+        else:
+            step_failed, error = first_error
+            reason = str(error).splitlines()[0][:200] if error else "unreadable on another host"
+            raise CheckpointError(f"{workdir}: checkpoint {step_failed} cannot be read "
+                                  f"({reason}), nor any one before it")
     finally:
         manager.close()
     return config, _as_variables(restored, workdir, chosen), chosen

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from clipsep_jax.encoders import ENCODERS
+from clipsep_jax.errors import UserError
 from clipsep_jax.families import all_kinds, family_of_kind
 from clipsep_jax.families.base import check_choices
 
@@ -153,22 +154,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     family = family_of_kind(config.model.kind)
     check_choices(config, CHOICES)
     if config.query.encoder not in ENCODERS:
-        raise ValueError(f"config.query.encoder={config.query.encoder!r}: expected one of "
+        raise UserError(f"config.query.encoder={config.query.encoder!r}: expected one of "
                          f"{', '.join(ENCODERS)}")
     if config.num_sources < 1:
-        raise ValueError(f"config.num_sources={config.num_sources}: must be >= 1")
+        raise UserError(f"config.num_sources={config.num_sources}: must be >= 1")
     if config.audio.n_fft // 2 + 1 < 2 or config.audio.hop_length < 1:
-        raise ValueError("config.audio: n_fft must be >= 2 and hop_length >= 1")
+        raise UserError("config.audio: n_fft must be >= 2 and hop_length >= 1")
     t = config.train
     if t.batch_size < 1:
-        raise ValueError(f"config.train.batch_size={t.batch_size}: must be >= 1")
+        raise UserError(f"config.train.batch_size={t.batch_size}: must be >= 1")
     if not 0.0 <= t.ema_decay < 1.0:
-        raise ValueError(f"config.train.ema_decay={t.ema_decay}: must be in [0, 1)")
+        raise UserError(f"config.train.ema_decay={t.ema_decay}: must be in [0, 1)")
     for name in ("log_every_steps", "checkpoint_every_steps", "validation_every_steps"):
         if t[name] < 1:
-            raise ValueError(f"config.train.{name}={t[name]}: must be >= 1")
+            raise UserError(f"config.train.{name}={t[name]}: must be >= 1")
     if t.drop_closest:
-        raise ValueError("config.train.drop_closest: dropping closest pairs is not built yet")
+        raise UserError("config.train.drop_closest: dropping closest pairs is not built yet")
     family.validate_config(config)
 
 
@@ -196,10 +197,10 @@ def from_dict(saved: dict, source: str) -> ml_collections.ConfigDict:
 def _merge(config: ml_collections.ConfigDict, values: dict, source: str, prefix: str = "") -> None:
     for key, value in values.items():
         if key not in config:
-            raise ValueError(f"{source}: unknown config field {prefix}{key}")
+            raise UserError(f"{source}: unknown config field {prefix}{key}")
         if isinstance(config[key], ml_collections.ConfigDict):
             if not isinstance(value, dict):
-                raise ValueError(f"{source}: config field {prefix}{key} should be a section")
+                raise UserError(f"{source}: config field {prefix}{key} should be a section")
             _merge(config[key], value, source, f"{prefix}{key}.")
         else:
             config[key] = value

@@ -23,8 +23,10 @@ class UserError(ValueError):
     """A mistake the user can fix; the message names the file or value and what to do."""
 
 
-# What the commands treat as the user's mistake (their messages name the file or value).
-USER_ERRORS = (ValueError, OSError)
+# What the commands treat as the user's mistake (their messages name the file or value); any
+# other exception is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
 
 
 def debugging() -> bool:

@@ -68,6 +68,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best
     config.audio = model_config.audio
     config.num_sources = model_config.num_sources
     family = get_family(config)
+    if family.name in model_config:  # the family's own settings are the model's too
+        config[family.name] = model_config[family.name]
     mesh = sharding.make_mesh(config)
     report = family.evaluate(config, variables, mesh, progress=progress)
     report["checkpoint"] = str(checkpoint if not path.exists() else path.absolute())

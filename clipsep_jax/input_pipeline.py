@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from clipsep_jax import sharding
+from clipsep_jax.errors import UserError
 
 __all__ = [
     "MemoryCachedSource",
@@ -66,7 +67,7 @@ def open_split(data: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
     """(random-access TFDS source of ``split``, the dataset's metadata) for ``config.data``;
     records stay in memory once read when ``data.cache_in_memory``."""
     if not data.data_dir:
-        raise ValueError("config.data.data_dir is empty: point it at data_prep's --data_dir")
+        raise UserError("config.data.data_dir is empty: point it at data_prep's --data_dir")
     if not os.path.isdir(os.path.join(data.data_dir, data.name)):
         raise FileNotFoundError(
             f"config.data.data_dir={data.data_dir}: no dataset {data.name!r} there (no folder "
@@ -75,7 +76,7 @@ def open_split(data: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
     builder = tfds.builder(data.name, data_dir=data.data_dir)
     sources = builder.as_data_source()
     if split not in sources:
-        raise ValueError(
+        raise UserError(
             f"{data.name} in {data.data_dir} has no split {split!r} (it has {sorted(sources)})"
         )
     source = sources[split]
@@ -109,11 +110,11 @@ def training_dataset(
     ``process_index`` takes its block of every global batch (the rows its devices hold).
     """
     if batch_size % process_count:
-        raise ValueError(
+        raise UserError(
             f"config.train.batch_size={batch_size} is not divisible by {process_count} hosts"
         )
     if size == 0:
-        raise ValueError("the training split is empty")
+        raise UserError("the training split is empty")
     stream = (
         grain.MapDataset.range(size)
         .shuffle(seed=seed)
@@ -189,7 +190,7 @@ def sharded_batches(
     """
     processes = jax.process_count()
     if batch_size % processes or batch_size % mesh.devices.size:
-        raise ValueError(f"batch size {batch_size} must be divisible by the {processes} hosts "
+        raise UserError(f"batch size {batch_size} must be divisible by the {processes} hosts "
                          f"and the {mesh.devices.size} devices")
     if size == 0:
         return

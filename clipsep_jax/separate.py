@@ -127,12 +127,16 @@ def output_folders(inputs: Sequence[str], root: str | None, output_dir: str) -> 
     counts: dict[Path, int] = {}
     for folder in plain.values():
         counts[folder] = counts.get(folder, 0) + 1
-    out = {}
+    out, taken = {}, set()
     for path, rel in relative.items():
         folder = plain[path]
         if counts[folder] > 1:
             folder = rel.parent / f"{rel.stem}_{rel.suffix.lstrip('.').lower() or 'file'}"
-        out[path] = Path(output_dir) / folder
+        unique, number = folder, 2
+        while str(unique).lower() in taken:  # e.g. a_wav.ogg beside a.wav and a.flac
+            unique, number = folder.parent / f"{folder.name}_{number}", number + 1
+        taken.add(str(unique).lower())
+        out[path] = Path(output_dir) / unique
     return out
 
 
@@ -160,6 +164,11 @@ def _write_outputs(folder: Path, outputs: dict[str, np.ndarray], rate: int,
             old_files = list(json.loads(manifest.read_text())["files"])
         except (ValueError, KeyError, TypeError) as e:
             raise SeparationError(f"{manifest}: unreadable ({e}); not replacing {folder}") from e
+        foreign = [f"{stem}.wav" for stem in outputs if f"{stem}.wav" not in old_files
+                   and (folder / f"{stem}.wav").exists()]
+        if foreign:
+            raise SeparationError(f"{folder}: {', '.join(foreign)} was not written by "
+                                  "clipsep_jax.separate; not replacing it")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
@@ -174,11 +183,13 @@ def _write_outputs(folder: Path, outputs: dict[str, np.ndarray], rate: int,
         if not old_files:
             os.replace(tmp, folder)
             return
-        for name in old_files:
-            if Path(name).name == name and name != MANIFEST:  # a plain file name, nothing else
-                (folder / name).unlink(missing_ok=True)
+        # New files in first, then the old ones no longer listed: a failure midway leaves every
+        # output of one run or the other in place.
         for name in [*files, MANIFEST]:
             os.replace(tmp / name, folder / name)
+        for name in old_files:
+            if Path(name).name == name and name not in (*files, MANIFEST):  # plain names only
+                (folder / name).unlink(missing_ok=True)
         tmp.rmdir()
     except (OSError, soundfile.SoundFileRuntimeError) as e:  # a full disk, among others
         shutil.rmtree(tmp, ignore_errors=True)

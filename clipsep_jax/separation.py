@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from clipsep_jax import audio
+from clipsep_jax.errors import UserError
 
 __all__ = ["SeparationError", "binary_masks", "linear_masks", "with_residual", "masked_waveforms",
            "signal_to_distortion"]
 
 
-class SeparationError(ValueError):
+class SeparationError(UserError):
     """Bad input to separation: the message names the file or value."""
 
 

@@ -28,6 +28,8 @@ import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from clipsep_jax.errors import UserError
+
 __all__ = [
     "AXES",
     "make_mesh",
@@ -61,11 +63,11 @@ def make_mesh(
     fsdp = int(mesh_config.fsdp)
     data = int(mesh_config.data)
     if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
+        raise UserError(f"config.mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
     if data == -1:
         data = len(devices) // fsdp
     if data * fsdp != len(devices):
-        raise ValueError(
+        raise UserError(
             f"config.mesh: data={data} x fsdp={fsdp} != {len(devices)} devices; "
             "set data=-1 to use all"
         )
@@ -167,7 +169,7 @@ def wants_distributed(mode: str = "auto") -> bool:
     slices (several TPU worker hostnames), under SLURM with several tasks, or when
     ``JAX_COORDINATOR_ADDRESS`` is set."""
     if mode not in ("auto", "on", "off"):
-        raise ValueError(f"--distributed={mode!r}: expected auto, on or off")
+        raise UserError(f"--distributed={mode!r}: expected auto, on or off")
     if mode != "auto":
         return mode == "on"
     return bool(

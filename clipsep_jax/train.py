@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from clipsep_jax import checkpoints, input_pipeline, sharding
 from clipsep_jax.config import validate as validate_config
+from clipsep_jax.errors import UserError
 from clipsep_jax.families import Family, get_family
 from clipsep_jax.metric_writers import create_writer
 
@@ -194,7 +195,9 @@ def _validation_sums(family: Family, config: ml_collections.ConfigDict, variable
     valid = batch["valid"] > 0
     sums = {}
     for name, values in out["per_example"].items():
-        counted = valid & jnp.isfinite(values)
+        # NaN means "no value for this example" (e.g. the SDR of a silent source), except for
+        # the loss, which every example has: a non-finite loss makes the mean NaN.
+        counted = valid & (jnp.isfinite(values) | (name == "loss"))
         sums[name] = (jnp.sum(jnp.where(counted, values, 0.0)), jnp.sum(counted))
     return sums, out.get("summary")
 
@@ -304,7 +307,13 @@ def _trim_log(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line torn by a kill while it was written
+            continue
     if len(kept) != len(lines):
         temporary = f"{path}.tmp"
         with open(temporary, "w") as f:
@@ -334,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     mesh = sharding.make_mesh(config)
     t = config.train
     if t.batch_size % mesh.devices.size:
-        raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by the "
+        raise UserError(f"config.train.batch_size={t.batch_size} is not divisible by the "
                          f"{mesh.devices.size} devices")
 
     train_source, metadata = input_pipeline.open_split(config.data, config.data.train_split)
@@ -410,7 +419,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     jax.profiler.stop_trace()
                 stopping = stop.any_host()
                 checkpoint_now = step % t.checkpoint_every_steps == 0 or step == t.num_steps
-                validate_now = step % t.validation_every_steps == 0 or step == t.num_steps
+                # On a stop signal the checkpoint comes first: validation could outlast the
+                # pre-emption grace period.
+                validate_now = ((step % t.validation_every_steps == 0 or step == t.num_steps)
+                                and not stopping)
                 if step % t.log_every_steps == 0 or checkpoint_now or stopping:
                     check(pending)
                     pending = None

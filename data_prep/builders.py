@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover
     beam = None
 
 from clipsep_jax.encoders.clip import CLIP, DEFAULT_CLIP
+from clipsep_jax.errors import UserError
 from data_prep.extract import ExtractedClip, ExtractOptions, Extractor, make_example
 from data_prep.media import require_ffmpeg
 from data_prep.sources import ClipSource, Skip, detect_layout, read_index, read_videos
@@ -171,7 +172,7 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                 self.inputs.val_fraction,
                 self.inputs.trim_videos,
             )
-        raise ValueError(f"layout must be auto, index or videos, got {layout!r}")
+        raise UserError(f"layout must be auto, index or videos, got {layout!r}")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         return self._splits_from(os.fspath(dl_manager.manual_dir))
@@ -203,7 +204,7 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         empty = sorted(split for split in listed if not by_split.get(split))
         if empty:
             report = write_skip_report(self._work_report_dir(), skips)
-            raise ValueError(
+            raise UserError(
                 f"{manual_dir}: no usable clip listed for split(s) {', '.join(empty)}; "
                 f"{len(skips)} rows skipped, listed with their reasons in {report} ("
                 + ", ".join(f"{n} x {r}" for r, n in skip_summary(skips).items()) + ")")
@@ -275,7 +276,7 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         if not yielded:
             split_skips = [s for s in self._skips if s.split == split]
             report = write_skip_report(self._work_report_dir(), self._skips)
-            raise ValueError(
+            raise UserError(
                 f"split {split}: all {len(sources)} clips were skipped, listed with their reasons "
                 f"in {report} (" + ", ".join(
                     f"{n} x {r}" for r, n in skip_summary(split_skips).items()) + ")")

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,15 @@ from PIL import Image
 
 from clipsep_jax.clip import CLIP
 from clipsep_jax.encoders.clip_towers import CLIPConfig, TowerConfig
-from clipsep_jax.separate import Separator, main, output_names, query_file_name
-from clipsep_jax.separation import signal_to_distortion
+from clipsep_jax.separate import (
+    Separator,
+    _write_outputs,
+    main,
+    output_folders,
+    output_names,
+    query_file_name,
+)
+from clipsep_jax.separation import SeparationError, signal_to_distortion
 
 
 def two_instrument_mix(seconds: float, rate: int = 16000):
@@ -365,3 +373,26 @@ def test_a_full_or_read_only_output_folder_is_one_line(trained_workdir, tiny_cli
                                  tmp_path / "mix.wav", "--text", "tuba", "--output-dir", full)
     assert code == 2 and "cannot write the outputs" in printed.err, printed.err
     assert list(full.iterdir()) == []  # the half-written temporary folder is gone
+
+
+def test_output_folders_stay_unique(tmp_path):
+    inputs = [str(tmp_path / n) for n in ("a.wav", "a.flac", "a_wav.ogg", "sub/a.wav", "B.wav",
+                                          "b.WAV")]
+    folders = output_folders(inputs, str(tmp_path), "out")
+    names = [str(f) for f in folders.values()]
+    assert len({n.lower() for n in names}) == len(names), names
+    assert folders[inputs[3]] == Path("out/sub/a")
+
+
+def test_overwrite_replaces_only_its_own_files(tmp_path):
+    folder = tmp_path / "song"
+    wave = np.zeros(100, np.float32)
+    _write_outputs(folder, {"guitar": wave, "residual": wave}, 16000)
+    (folder / "piano.wav").write_text("the user's own")
+    with pytest.raises(SeparationError, match="piano.wav was not written by"):
+        _write_outputs(folder, {"piano": wave, "residual": wave}, 16000, overwrite=True)
+    assert (folder / "piano.wav").read_text() == "the user's own"
+    assert (folder / "guitar.wav").exists()
+    _write_outputs(folder, {"violin": wave, "residual": wave}, 16000, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".clipsep-separate.json", "piano.wav", "residual.wav", "violin.wav"]

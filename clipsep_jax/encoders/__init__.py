@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from clipsep_jax.errors import UserError
+
 __all__ = ["QueryEncoder", "ENCODERS", "encoder_class", "load_encoder"]
 
 # encoder name -> "module:class"
@@ -41,7 +43,7 @@ class QueryEncoder(Protocol):
 def encoder_class(name: str) -> type:
     """The class registered as ``name`` (config.query.encoder)."""
     if name not in ENCODERS:
-        raise ValueError(f"config.query.encoder={name!r}: expected one of {', '.join(ENCODERS)}")
+        raise UserError(f"config.query.encoder={name!r}: expected one of {', '.join(ENCODERS)}")
     module, cls = ENCODERS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

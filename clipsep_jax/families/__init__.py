@@ -13,6 +13,7 @@ import importlib
 
 import ml_collections
 
+from clipsep_jax.errors import UserError
 from clipsep_jax.families.base import Family
 
 __all__ = ["FAMILY_MODULES", "KINDS", "Family", "family_of_kind", "get_family", "all_kinds"]
@@ -35,7 +36,7 @@ def all_kinds() -> tuple[str, ...]:
 def family_of_kind(kind: str) -> Family:
     """The family that builds model kind ``kind``; ValueError naming the field otherwise."""
     if kind not in KINDS:
-        raise ValueError(f"config.model.kind={kind!r}: expected one of {', '.join(KINDS)}")
+        raise UserError(f"config.model.kind={kind!r}: expected one of {', '.join(KINDS)}")
     family = importlib.import_module(FAMILY_MODULES[KINDS[kind]]).FAMILY
     if kind not in family.kinds:
         raise RuntimeError(f"registry error: family {family.name!r} does not build {kind!r}")

@@ -29,6 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from clipsep_jax.errors import UserError
+
 __all__ = ["Family", "check_choices"]
 
 
@@ -40,7 +42,7 @@ def check_choices(config: ml_collections.ConfigDict, choices: dict[str, tuple]) 
         for part in name.split("."):
             node = node[part]
         if node not in allowed:
-            raise ValueError(f"config.{name}={node!r}: expected one of "
+            raise UserError(f"config.{name}={node!r}: expected one of "
                              f"{', '.join(map(str, allowed))}")
 
 
@@ -134,7 +136,7 @@ class Family(abc.ABC):
     def load_reference_checkpoint(self, path: str | Path,
                                   kind: str) -> tuple[ml_collections.ConfigDict, dict]:
         """A checkpoint of the original implementation -> (config, variables)."""
-        raise ValueError(f"model kind {kind!r} has no reference-checkpoint converter")
+        raise UserError(f"model kind {kind!r} has no reference-checkpoint converter")
 
     def separator(self, config: ml_collections.ConfigDict, variables: dict, **kwargs: Any):
         """An object with ``check_queries(queries)``, ``separate_in_order(waveform,
@@ -142,4 +144,4 @@ class Family(abc.ABC):
         residual) and ``separate(...)`` (the same as a dict), raising
         ``clipsep_jax.separation.SeparationError`` for bad input (see
         :class:`clipsep_jax.families.clipsep.separator.Separator`)."""
-        raise ValueError(f"model kind {config.model.kind!r} does not separate recordings")
+        raise UserError(f"model kind {config.model.kind!r} does not separate recordings")

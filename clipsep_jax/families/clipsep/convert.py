@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from clipsep_jax.config import default_config
+from clipsep_jax.errors import UserError
 from clipsep_jax.families.clipsep.model import KINDS as MODEL_KINDS
 from clipsep_jax.families.clipsep.model import init_variables
 
@@ -134,23 +135,23 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path}: not a readable PyTorch weights file ({error})") from error
+        raise UserError(f"{path}: not a readable PyTorch weights file ({error})") from error
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path}: expected a state dict (tensors by name), got {type(loaded)}")
+        raise UserError(f"{path}: expected a state dict (tensors by name), got {type(loaded)}")
     state = {}
     for key, value in loaded.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise UserError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         name = key.removeprefix("module.")
         if name in state:
-            raise ValueError(f"{path}: key {name!r} appears with and without the 'module.' prefix")
+            raise UserError(f"{path}: key {name!r} appears with and without the 'module.' prefix")
         state[name] = value.detach().cpu().numpy()
     return state
 
 
 def _require(state: Mapping[str, np.ndarray], key: str, source: str) -> np.ndarray:
     if key not in state:
-        raise ValueError(f"{source}: missing key {key!r}")
+        raise UserError(f"{source}: missing key {key!r}")
     return state[key]
 
 
@@ -159,12 +160,12 @@ def infer_config(
 ) -> ml_collections.ConfigDict:
     """The configuration of ``model_kind`` at the sizes the state dict's tensors imply."""
     if model_kind not in MODEL_KINDS:
-        raise ValueError(f"model_kind={model_kind!r}: expected one of {', '.join(MODEL_KINDS)}")
+        raise UserError(f"model_kind={model_kind!r}: expected one of {', '.join(MODEL_KINDS)}")
     config = default_config()
     config.model.kind = model_kind
     outer_down = _require(state, _UNET + "0.weight", source)
     if outer_down.ndim != 4 or outer_down.shape[1] != 1:
-        raise ValueError(
+        raise UserError(
             f"{source}: key {_UNET + '0.weight'!r} has shape {outer_down.shape}, expected "
             "[base_width, 1, 4, 4]"
         )
@@ -183,7 +184,7 @@ def infer_config(
         while f"pit_nets.{heads}.weight" in state:
             heads += 1
         if heads == 0:
-            raise ValueError(f"{source}: missing key 'pit_nets.0.weight' (a NIT noise head)")
+            raise UserError(f"{source}: missing key 'pit_nets.0.weight' (a NIT noise head)")
         config.model.num_noise_heads = heads
         config.num_sources = min(config.num_sources, heads)
     if model_kind == "labelsep":
@@ -206,7 +207,7 @@ def convert_state_dict(
         key for key in state if key not in known and not key.endswith(_IGNORED_SUFFIXES)
     )
     if unexpected:
-        raise ValueError(
+        raise UserError(
             f"{source}: unexpected key(s) for a {config.model.kind} model: {', '.join(unexpected)}"
         )
     leaves: dict[tuple[str, ...], np.ndarray] = {}
@@ -219,7 +220,7 @@ def convert_state_dict(
         value = _to_flax_layout(np.asarray(tensor, np.float32), entry.layout)
         if value.shape != expected:
             torch_shape = tuple(tensor.shape)
-            raise ValueError(
+            raise UserError(
                 f"{source}: key {entry.torch_key!r} has shape {torch_shape}, but the "
                 f"{config.model.kind} model at these sizes needs {expected} (Flax layout of "
                 f"{'/'.join(entry.flax_path)})"

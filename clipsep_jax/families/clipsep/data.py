@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from clipsep_jax import audio
+from clipsep_jax.errors import UserError
 
 __all__ = [
     "MixSettings",
@@ -69,7 +70,7 @@ class MixSettings:
             ("fps", q.fps),
         ):
             if key in metadata and float(metadata[key]) != float(ours):
-                raise ValueError(
+                raise UserError(
                     f"the dataset was prepared with {key}={metadata[key]}, the config says "
                     f"{ours}; prepare it again or change config.audio / config.query"
                 )
@@ -152,7 +153,7 @@ def mix_sources(
     n = len(records)
     scales = [1.0 / n] * n if scales is None else list(scales)
     if len(scales) != n:
-        raise ValueError(f"{len(scales)} scales for {n} records")
+        raise UserError(f"{len(scales)} scales for {n} records")
     spectra, image_queries, text_queries, labels, waveforms = [], [], [], [], []
     ensembles = []
     for record, scale in zip(records, scales, strict=True):
@@ -207,7 +208,7 @@ def mix_sources(
 def partner_indices(index: int, size: int, count: int, rng: np.random.Generator) -> list[int]:
     """``count`` distinct indices other than ``index``, uniform (the reference's sampling)."""
     if size - 1 < count:
-        raise ValueError(f"mixing {count + 1} sources needs at least {count + 1} clips, got {size}")
+        raise UserError(f"mixing {count + 1} sources needs at least {count + 1} clips, got {size}")
     others = rng.choice(size - 1, size=count, replace=False)
     return [int(i) + (i >= index) for i in others]
 

@@ -35,6 +35,7 @@ import soundfile
 from tqdm import tqdm
 
 from clipsep_jax import audio, bss_eval, sharding
+from clipsep_jax.errors import UserError
 from clipsep_jax.families.clipsep.data import MixSettings, mix_sources, partner_indices
 from clipsep_jax.families.clipsep.model import forward
 from clipsep_jax.input_pipeline import open_split, sharded_batches
@@ -60,7 +61,7 @@ def test_mixtures(config: ml_collections.ConfigDict, source: Any, metadata: dict
     """
     e = config.eval
     if e.num_sources < 2:
-        raise ValueError(f"config.eval.num_sources={e.num_sources}: a test mixture needs >= 2")
+        raise UserError(f"config.eval.num_sources={e.num_sources}: a test mixture needs >= 2")
     settings = MixSettings.from_config(config, metadata)
     others = source if interference is None else interference
     count = e.num_sources - 1
@@ -73,7 +74,7 @@ def test_mixtures(config: ml_collections.ConfigDict, source: Any, metadata: dict
             partners = partner_indices(index, len(source), count, rng)
         else:
             if len(others) < count:
-                raise ValueError(f"{count} interfering clips per mixture, the interference "
+                raise UserError(f"{count} interfering clips per mixture, the interference "
                                  f"split has {len(others)}")
             partners = [int(i) for i in rng.choice(len(others), size=count, replace=False)]
         records = [source[index]] + [others[i] for i in partners]
@@ -105,7 +106,7 @@ def query_modes(config: ml_collections.ConfigDict) -> list[str]:
     modes = [m.strip() for m in config.eval.query_modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in QUERY_KEYS]
     if unknown or not modes:
-        raise ValueError(f"config.eval.query_modes={config.eval.query_modes!r}: expected a comma-"
+        raise UserError(f"config.eval.query_modes={config.eval.query_modes!r}: expected a comma-"
                          f"separated list of {', '.join(QUERY_KEYS)}")
     return modes
 
@@ -194,20 +195,20 @@ def evaluate(config: ml_collections.ConfigDict, variables: dict, examples: Any,
     modes = query_modes(config)
     total = len(examples)
     if total == 0:
-        raise ValueError(f"no test mixtures: the split {e.split!r} is empty")
+        raise UserError(f"no test mixtures: the split {e.split!r} is empty")
     devices = mesh.devices.size
     batch_size = -(-max(1, min(e.batch_size, total)) // devices) * devices
     multiple = 2**config.model.num_downs
     first = examples[0]
     frames = first["mag_mix"].shape[-1]
     if frames % multiple:
-        raise ValueError(f"test crops have {frames} STFT frames, not a multiple of {multiple}; "
+        raise UserError(f"test crops have {frames} STFT frames, not a multiple of {multiple}; "
                          "set config.audio.crop_samples to a multiple of the hop (minus 1)")
     length = (frames - 1) * config.audio.hop_length  # librosa.istft's length, as the reference
     if kind in ("clipsep", "clipsep_nit"):
         dim = first["image_queries"].shape[-1]
         if dim != config.model.query_dim:
-            raise ValueError(f"the dataset's query embeddings have {dim} dimensions, the model "
+            raise UserError(f"the dataset's query embeddings have {dim} dimensions, the model "
                              f"takes {config.model.query_dim}: prepare the data with the CLIP "
                              "the model was trained with")
 

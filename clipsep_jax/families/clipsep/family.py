@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from clipsep_jax import audio
+from clipsep_jax.errors import UserError
 from clipsep_jax.families.base import Family, check_choices
 from clipsep_jax.families.clipsep import convert, evaluation, model
 from clipsep_jax.families.clipsep.data import TrainingMixer, ValidationMixer, model_inputs
@@ -112,9 +113,9 @@ class CLIPSepFamily(Family):
         check_choices(config, CHOICES)
         m = config.model
         if m.num_downs < 5:
-            raise ValueError(f"config.model.num_downs={m.num_downs}: the U-Net needs >= 5")
+            raise UserError(f"config.model.num_downs={m.num_downs}: the U-Net needs >= 5")
         if m.kind == "clipsep_nit" and m.num_noise_heads < config.num_sources:
-            raise ValueError(
+            raise UserError(
                 f"config.model.num_noise_heads={m.num_noise_heads} is smaller than "
                 f"config.num_sources={config.num_sources}: every query needs its own noise head"
             )

@@ -88,7 +88,7 @@ class Separator:
             name = self._clip or q.encoder_model
             try:
                 self._clip = load_encoder(q.encoder, name)
-            except (OSError, ValueError) as e:
+            except OSError as e:  # transformers' "not a folder nor a cached hub id"
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise SeparationError(f"the query encoder {name!r} cannot be loaded ({first}); "
                                       "give a local folder or a hub id in the cache (--clip)"
