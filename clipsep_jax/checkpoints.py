@@ -25,7 +25,6 @@ and reference checkpoints).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,6 +40,7 @@ from jax.experimental import multihost_utils
 from clipsep_jax import config as config_lib
 from clipsep_jax.errors import UserError
 from clipsep_jax.families import get_family
+from clipsep_jax.files import write_text_atomic
 
 __all__ = [
     "CONFIG_FILE",
@@ -69,13 +69,8 @@ class CheckpointError(UserError):
 
 def write_config(directory: str | Path, config: ml_collections.ConfigDict) -> Path:
     """Writes ``directory/config.json`` atomically (a temporary name, then a rename)."""
-    path = Path(directory) / CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", dir=path.parent)
-    with os.fdopen(handle, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(temporary, path)
-    return path
+    return write_text_atomic(Path(directory) / CONFIG_FILE,
+                             config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config(directory: str | Path) -> ml_collections.ConfigDict:

@@ -15,9 +15,7 @@ host writes the files.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -27,6 +25,7 @@ from ml_collections import config_flags
 
 from clipsep_jax import checkpoints, errors, inference, sharding
 from clipsep_jax.families import get_family
+from clipsep_jax.files import write_text_atomic
 
 __all__ = ["run", "format_table", "main"]
 
@@ -36,14 +35,6 @@ def format_table(report: dict) -> str:
     from clipsep_jax.families import family_of_kind
 
     return family_of_kind(report["model_kind"]).format_table(report)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best",
@@ -81,8 +72,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best
             folders = family.write_examples(config, variables, out / f"{name}_examples",
                                             config.eval.num_audio_examples)
             report["audio_examples"] = [str(f) for f in folders]
-        _write_atomic(out / f"{name}.json", json.dumps(report, indent=1))
-        _write_atomic(out / f"{name}.md", family.format_table(report))
+        write_text_atomic(out / f"{name}.json", json.dumps(report, indent=1))
+        write_text_atomic(out / f"{name}.md", family.format_table(report))
     return report, out / f"{name}.json"
 
 

@@ -32,6 +32,7 @@ from clipsep_jax import checkpoints, input_pipeline, sharding
 from clipsep_jax.config import validate as validate_config
 from clipsep_jax.errors import UserError
 from clipsep_jax.families import Family, get_family
+from clipsep_jax.files import write_text_atomic
 from clipsep_jax.metric_writers import create_writer
 
 __all__ = [
@@ -315,10 +316,7 @@ def _trim_log(path: str, step: int) -> None:
         except json.JSONDecodeError:  # a line torn by a kill while it was written
             continue
     if len(kept) != len(lines):
-        temporary = f"{path}.tmp"
-        with open(temporary, "w") as f:
-            f.writelines(kept)
-        os.replace(temporary, path)
+        write_text_atomic(path, "".join(kept))
 
 
 def _variables(state: TrainState) -> dict:

@@ -55,10 +55,9 @@ PROMPT_ENSEMBLE = (
     "a low resolution photo of a {}.",
     "a photo of many {}.",
 )
-# transformers is imported where a checkpoint is read or written, not here: importing its
+# transformers is imported where a checkpoint is read or written, not at the top: importing its
 # tokenizer and config classes takes about 2 s, and every config (through the model families)
 # reaches this module.
-_LAZY = ("transformers",)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -347,7 +346,7 @@ def _abstract_params(config: CLIPConfig) -> dict:
 
 def _read_weights(name_or_path: str, **hub_kwargs) -> dict[str, np.ndarray]:
     """The checkpoint's tensors as numpy arrays: safetensors first, then ``pytorch_model.bin``."""
-    from transformers.utils import cached_file  # transformers: heavy (2 s); see _LAZY
+    from transformers.utils import cached_file
 
     for index_name, single_name in (
         ("model.safetensors.index.json", "model.safetensors"),
@@ -462,7 +461,7 @@ class CLIP:
         ``hub_kwargs`` go to transformers' ``cached_file`` and ``from_pretrained`` (``revision``,
         ``cache_dir``, ``local_files_only``, ``token``).
         """
-        from transformers import AutoConfig, AutoTokenizer  # see _LAZY
+        from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import cached_file
 
         if os.path.exists(name_or_path) and not os.path.isdir(name_or_path):
@@ -519,7 +518,7 @@ class CLIP:
     def save_pretrained(self, path: str) -> None:
         """Write a transformers-loadable checkpoint folder (config, safetensors, tokenizer,
         preprocessor config), through a temporary folder renamed into place."""
-        from transformers import CLIPConfig as HFCLIPConfig  # see _LAZY
+        from transformers import CLIPConfig as HFCLIPConfig
 
         path = os.path.abspath(path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -677,7 +676,7 @@ def _random_params(config: CLIPConfig, seed: int) -> dict:
 def byte_level_tokenizer() -> Any:
     """A CLIP tokenizer with only the 512 byte-level symbols (no merges) and the start and end
     tokens: 514 ids, for random-weight CLIPs that must run with nothing downloaded."""
-    from transformers import CLIPTokenizer  # see _LAZY
+    from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     symbols = list(bytes_to_unicode().values())
