@@ -199,3 +199,92 @@ class PITSep(_Base):
         swap = (weighted_bce(preds[0], gts[1], weight, True)
                 + weighted_bce(preds[1], gts[0], weight, True)) / 2
         return torch.minimum(keep, swap).mean(), {"query_logits": logits}
+
+
+# ---------------------------------------------------------------------------------------------
+# SOP's frozen image encoder: torchvision's ResNet-18 layout (key names conv1, bn1,
+# layer{1..4}.{i}.conv1/bn1/conv2/bn2/downsample.{0,1}, fc), written from its description, with
+# the reference's ResnetDilated modification (strides removed, dilations set) and max pooling.
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet of basic blocks (ResNet-18 by default) with its classifier."""
+
+    def __init__(self, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), num_classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = widths[0]
+        for stage, (count, width) in enumerate(zip(blocks, widths, strict=True)):
+            layers = []
+            for index in range(count):
+                stride = 2 if stage > 0 and index == 0 else 1
+                layers.append(BasicBlock(inplanes, width, stride))
+                inplanes = width
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
+        self.fc = nn.Linear(widths[-1], num_classes)
+        # torchvision's initialisation (the signal keeps its scale through the stages), then
+        # BatchNorm parameters and running statistics away from identity, so that eval mode
+        # exercises them.
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    m.weight.uniform_(0.8, 1.2)
+                    m.bias.uniform_(-0.1, 0.1)
+                    m.running_mean.uniform_(-0.1, 0.1)
+                    m.running_var.uniform_(0.8, 1.25)
+
+    def features(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def nostride_dilate(module, dilate):
+    """The reference's rule: a strided conv loses its stride (a 3x3 one takes dilation and
+    padding dilate // 2); every other 3x3 conv takes dilation and padding dilate."""
+    if isinstance(module, nn.Conv2d):
+        if module.stride == (2, 2):
+            module.stride = (1, 1)
+            if module.kernel_size == (3, 3):
+                module.dilation = (dilate // 2, dilate // 2)
+                module.padding = (dilate // 2, dilate // 2)
+        elif module.kernel_size == (3, 3):
+            module.dilation = (dilate, dilate)
+            module.padding = (dilate, dilate)
+
+
+def frame_vectors(resnet, pixels, dilate_scale=16):
+    """SOP's frame vectors: a (deep-copied) ResNet dilated to ``dilate_scale`` (16: layer4 by 2;
+    8: layer3 by 2 and layer4 by 4; 32: unchanged), eval mode, spatial max: [B, 3, H, W] ->
+    [B, C]."""
+    import copy
+
+    net = copy.deepcopy(resnet).eval()
+    if dilate_scale == 8:
+        net.layer3.apply(lambda m: nostride_dilate(m, 2))
+        net.layer4.apply(lambda m: nostride_dilate(m, 4))
+    elif dilate_scale == 16:
+        net.layer4.apply(lambda m: nostride_dilate(m, 2))
+    with torch.no_grad():
+        return torch.amax(net.features(pixels), dim=(2, 3))

@@ -6,7 +6,14 @@ Every encoder has the same interface (:class:`QueryEncoder`): ``from_pretrained(
 ``config.query.encoder``; the modules are imported only when asked for.
 
 - ``clip`` (:mod:`clipsep_jax.encoders.clip`): CLIP's text and image towers
-  (:mod:`clipsep_jax.encoders.clip_towers`), loaded from Hugging Face checkpoints.
+  (:mod:`clipsep_jax.encoders.clip_towers`), loaded from Hugging Face checkpoints;
+- ``resnet`` (:mod:`clipsep_jax.encoders.resnet`): an ImageNet ResNet-18 (dilated, max-pooled),
+  images only: the SOP baseline's frame vectors;
+- ``bert`` (:mod:`clipsep_jax.encoders.bert`): a BERT-family text encoder, text only: the
+  BERTSep baseline's label vectors.
+
+:func:`load_query_encoder` loads the encoder a config's ``query`` section names, with its
+options. Shared loading and batching code is in :mod:`clipsep_jax.encoders.common`.
 """
 
 from __future__ import annotations
@@ -19,15 +26,19 @@ import numpy as np
 
 from clipsep_jax.errors import UserError
 
-__all__ = ["QueryEncoder", "ENCODERS", "encoder_class", "load_encoder"]
+__all__ = ["QueryEncoder", "ENCODERS", "encoder_class", "load_encoder", "load_query_encoder"]
 
 # encoder name -> "module:class"
-ENCODERS = {"clip": "clipsep_jax.encoders.clip:CLIP"}
+ENCODERS = {
+    "clip": "clipsep_jax.encoders.clip:CLIP",
+    "resnet": "clipsep_jax.encoders.resnet:ResNet",
+    "bert": "clipsep_jax.encoders.bert:BERT",
+}
 
 
 @runtime_checkable
 class QueryEncoder(Protocol):
-    """What a query encoder provides (CLIP does; CLAP and BERT-family encoders will)."""
+    """What a query encoder provides (CLIP, the ResNet and BERT do)."""
 
     @property
     def embedding_dim(self) -> int: ...
@@ -51,3 +62,18 @@ def encoder_class(name: str) -> type:
 def load_encoder(name: str, name_or_path: str, **kwargs: Any) -> QueryEncoder:
     """``encoder_class(name).from_pretrained(name_or_path, **kwargs)``."""
     return encoder_class(name).from_pretrained(name_or_path, **kwargs)
+
+
+def encoder_options(query: Any) -> dict[str, Any]:
+    """The options of ``query.encoder`` that a config's ``query`` section sets."""
+    if query.encoder == "bert":
+        return {"pooling": query.bert_pooling}
+    return {}
+
+
+def load_query_encoder(query: Any, name_or_path: str | None = None,
+                       **kwargs: Any) -> QueryEncoder:
+    """The encoder a config's ``query`` section names (``encoder``, ``encoder_model`` unless
+    ``name_or_path`` is given, and its options)."""
+    return load_encoder(query.encoder, name_or_path or query.encoder_model,
+                        **encoder_options(query), **kwargs)

@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from PIL import Image
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from clipsep_jax.encoders.clip_towers import CLIPConfig, CLIPModel, TowerConfig
+from clipsep_jax.encoders.common import DTYPES, BatchedRunner, check_params, read_weights
 
 __all__ = [
     "DEFAULT_CLIP",
@@ -58,7 +58,7 @@ PROMPT_ENSEMBLE = (
 # transformers is imported where a checkpoint is read or written, not at the top: importing its
 # tokenizer and config classes takes about 2 s, and every config (through the model families)
 # reaches this module.
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = DTYPES
 
 
 def text_prompt(label: str, template: str = TEXT_TEMPLATE) -> str:
@@ -272,18 +272,7 @@ def params_from_state_dict(
             wrong_shape.append(f"{key}: {value.shape} vs {expected[path].shape}")
             continue
         params[path] = jnp.asarray(value, dtype)
-    missing = [".".join(p) for p in expected if p not in params]
-    problems = []
-    if missing:
-        problems.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if wrong_shape:
-        problems.append(f"wrong shape {wrong_shape[:8]}")
-    if problems:
-        raise ValueError(
-            "CLIP checkpoint does not fit the configured model: " + "; ".join(problems)
-        )
+    check_params(params, expected, "CLIP", unexpected, wrong_shape)
     return traverse_util.unflatten_dict(params)
 
 
@@ -344,60 +333,6 @@ def _abstract_params(config: CLIPConfig) -> dict:
     return shapes["params"]
 
 
-def _read_weights(name_or_path: str, **hub_kwargs) -> dict[str, np.ndarray]:
-    """The checkpoint's tensors as numpy arrays: safetensors first, then ``pytorch_model.bin``."""
-    from transformers.utils import cached_file
-
-    for index_name, single_name in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        files = []
-        single = cached_file(
-            name_or_path, single_name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
-        )
-        if single:
-            files = [single]
-        else:
-            index = cached_file(
-                name_or_path, index_name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
-            )
-            if index:
-                with open(index) as f:
-                    shard_names = sorted(set(json.load(f)["weight_map"].values()))
-                files = [cached_file(name_or_path, n, **hub_kwargs) for n in shard_names]
-        if files:
-            tensors = {}
-            for file in files:
-                tensors.update(_read_weight_file(file))
-            return tensors
-    raise FileNotFoundError(
-        f"{name_or_path}: no model.safetensors or pytorch_model.bin (nor a sharded index) found"
-    )
-
-
-def _read_weight_file(file: str) -> dict[str, np.ndarray]:
-    if file.endswith(".safetensors"):
-        out = {}
-        with safe_open(file, framework="flax") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
-        return out
-    try:
-        import torch  # optional ([convert] extra): only PyTorch pickles need it
-    except ImportError as e:
-        raise ImportError(
-            f"{file} is a PyTorch pickle; reading it needs torch "
-            "(pip install 'clipsep-jax[convert]') or a model.safetensors beside it"
-        ) from e
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
-
-
-def _local_mesh() -> Mesh:
-    return Mesh(np.array(jax.local_devices()), ("data",))
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -428,14 +363,12 @@ class CLIP:
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-        self.mesh = mesh or _local_mesh()
+        self._runner = BatchedRunner(mesh, batch_size)
+        self.mesh = self._runner.mesh
+        self.batch_size = self._runner.batch_size
         self.model = CLIPModel(config, dtype=self.dtype, param_dtype=self.dtype)
-        num_devices = self.mesh.devices.shape[0]
-        self.batch_size = max(num_devices, -(-batch_size // num_devices) * num_devices)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
         cast = jax.tree_util.tree_map(lambda p: jnp.asarray(p, self.dtype), dict(params))
-        self.params = jax.device_put(cast, replicated)
+        self.params = jax.device_put(cast, self._runner.replicated)
 
         def image_fn(params, images):
             pixels = preprocessing.normalize(images, self.dtype)
@@ -444,8 +377,8 @@ class CLIP:
         def text_fn(params, ids, mask):
             return self.model.apply({"params": params}, ids, mask, method=CLIPModel.encode_text)
 
-        self._image_fn = jax.jit(image_fn, out_shardings=self._batch_sharding)
-        self._text_fn = jax.jit(text_fn, out_shardings=self._batch_sharding)
+        self._image_fn = self._runner.jit(image_fn)
+        self._text_fn = self._runner.jit(text_fn)
 
     @classmethod
     def from_pretrained(
@@ -474,7 +407,7 @@ class CLIP:
             )
         config = config_from_transformers(hf_config)
         dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-        params = params_from_state_dict(_read_weights(name_or_path, **hub_kwargs), config, dtype)
+        params = params_from_state_dict(read_weights(name_or_path, **hub_kwargs), config, dtype)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
         processor_file = cached_file(
             name_or_path,
@@ -617,26 +550,8 @@ class CLIP:
             return np.zeros((0, self.embedding_dim), np.float32)
         return self._batched(lambda x: self._image_fn(self.params, x), images)
 
-    # -- batching ----------------------------------------------------------------------------
-
     def _batched(self, fn, *arrays: np.ndarray) -> np.ndarray:
-        """Run ``fn`` over fixed-size chunks (padded: few compiled shapes), sharded on the mesh."""
-        total = len(arrays[0])
-        outputs = []
-        for start in range(0, total, self.batch_size):
-            chunk = [a[start : start + self.batch_size] for a in arrays]
-            n = len(chunk[0])
-            size = self._bucket(n)
-            chunk = [np.concatenate([c, np.repeat(c[-1:], size - n, axis=0)]) for c in chunk]
-            chunk = [jax.device_put(c, self._batch_sharding) for c in chunk]
-            outputs.append((fn(*chunk), n))
-        return np.concatenate([np.asarray(out)[:n] for out, n in outputs])
-
-    def _bucket(self, n: int) -> int:
-        devices = self.mesh.devices.shape[0]
-        size = max(devices, 1 << max(0, math.ceil(math.log2(n))))
-        size = -(-size // devices) * devices
-        return min(size, self.batch_size)
+        return self._runner(fn, *arrays)
 
 
 _TEXT_ONLY = {"vocab_size", "max_position_embeddings", "eos_token_id"}
