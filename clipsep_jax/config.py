@@ -61,6 +61,8 @@ def default_config(kind: str = "clipsep") -> ml_collections.ConfigDict:
     config.query.encoder = "clip"  # clipsep_jax.encoders: what embeds text and image queries
     config.query.encoder_model = "openai/clip-vit-base-patch32"  # its hub id or local folder
     config.query.image_size = 224  # CLIP input frames (the reference's img_size)
+    # BERT encoders (BERTSep): how a text's token states become one vector: mean | cls | pooler
+    config.query.bert_pooling = "mean"
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32  # global batch over all hosts
@@ -91,10 +93,6 @@ def default_config(kind: str = "clipsep") -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 3  # the last K, plus the best by validation loss
     config.train.profile_start_step = -1  # >= 0: trace profile_num_steps steps from here
     config.train.profile_num_steps = 5
-    # The reference's drop_closest: drop this many most-similar pairs per batch after
-    # drop_closest_steps (off by default there and here).
-    config.train.drop_closest = 0
-    config.train.drop_closest_steps = 10_000
 
     # The dataset written by data_prep (TFDS ArrayRecord) and how it is read.
     config.data = ml_collections.ConfigDict()
@@ -137,12 +135,14 @@ def default_config(kind: str = "clipsep") -> ml_collections.ConfigDict:
     config.mesh.fsdp = 1
     config.mesh.fsdp_min_size = 2**14
 
+    family.kind_defaults(config)
     return config
 
 
 # Shared fields with a fixed set of values (families check theirs with the same helper).
 CHOICES = {
     "query.mode": ("image", "text", "hybrid"),
+    "query.bert_pooling": ("mean", "cls", "pooler"),
     "train.lr_schedule": ("warmup_linear", "warmup_cosine", "constant"),
     "eval.metric": ("museval", "mir_eval"),
 }
@@ -168,8 +168,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("log_every_steps", "checkpoint_every_steps", "validation_every_steps"):
         if t[name] < 1:
             raise UserError(f"config.train.{name}={t[name]}: must be >= 1")
-    if t.drop_closest:
-        raise UserError("config.train.drop_closest: dropping closest pairs is not built yet")
     family.validate_config(config)
 
 

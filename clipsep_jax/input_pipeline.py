@@ -73,7 +73,7 @@ def open_split(data: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
             f"config.data.data_dir={data.data_dir}: no dataset {data.name!r} there (no folder "
             f"{os.path.join(data.data_dir, data.name)}); prepare it with python -m data_prep.build "
             "--data_dir=... or point config.data.data_dir at data_prep's output")
-    builder = tfds.builder(data.name, data_dir=data.data_dir)
+    builder = tfds.builder_from_directory(_newest_version(data))
     sources = builder.as_data_source()
     if split not in sources:
         raise UserError(
@@ -83,6 +83,23 @@ def open_split(data: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
     if data.cache_in_memory:
         source = MemoryCachedSource(source)
     return source, dict(builder.info.metadata or {})
+
+
+def _newest_version(data: ml_collections.ConfigDict) -> str:
+    """The folder of the dataset's newest prepared version. Read from its files, the dataset has
+    the features it was written with (e.g. the SOP baseline's optional ResNet vectors)."""
+    folder = os.path.join(data.data_dir, data.name)
+    versions = []
+    for name in os.listdir(folder):
+        parts = name.split(".")
+        if (len(parts) == 3 and all(p.isdigit() for p in parts)
+                and os.path.isfile(os.path.join(folder, name, "dataset_info.json"))):
+            versions.append((tuple(map(int, parts)), name))
+    if not versions:
+        raise FileNotFoundError(
+            f"{folder}: no prepared version (a folder such as 1.0.0 with dataset_info.json); "
+            "prepare the dataset with python -m data_prep.build")
+    return os.path.join(folder, max(versions)[1])
 
 
 class _RandomTransform(grain.transforms.RandomMap):
@@ -162,11 +179,14 @@ def training_batches(
     transform: Callable[[int, np.random.Generator], dict],
     size: int,
     mesh: jax.sharding.Mesh,
+    batch_size: int | None = None,
 ) -> GlobalBatches:
     """The training stream of ``config.train`` / ``config.data`` over a split of ``size``
-    elements, as global arrays on ``mesh``."""
+    elements, as global arrays on ``mesh``, in global batches of ``batch_size`` (default
+    ``config.train.batch_size``; more when the family drops rows in its loss)."""
     dataset = training_dataset(
-        transform, size, batch_size=config.train.batch_size, seed=config.train.seed,
+        transform, size, batch_size=batch_size or config.train.batch_size,
+        seed=config.train.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
         num_workers=config.data.num_workers)
     return GlobalBatches(iter(dataset), mesh)

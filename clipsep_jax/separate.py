@@ -208,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="model directory or reference .pt file")
     source.add_argument("--workdir", help="training workdir: its latest checkpoint")
-    parser.add_argument("--model_kind", help="kind of a reference .pt (clipsep, clipsep_nit)")
+    parser.add_argument("--model_kind",
+                        help="kind of a reference .pt (clipsep, clipsep_nit, sop, bertsep)")
     parser.add_argument("--input", required=True, help="audio/video file, or a folder of them")
     parser.add_argument("--text", action="append", default=[], help="text query (repeatable)")
     parser.add_argument("--image", action="append", default=[],
@@ -217,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier separation (only the files it "
                              "wrote; other folders are never touched)")
-    parser.add_argument("--clip", help="CLIP hub id or folder (default: the config's)")
+    parser.add_argument("--clip", help="the query encoder's hub id, folder or file: CLIP, or "
+                        "SOP's ResNet, or BERTSep's BERT (default: the config's)")
     parser.add_argument("--channels", default="each", choices=("each", "downmix"),
                         help="separate each channel, or their mean (written to every channel)")
     parser.add_argument("--window_frames", type=int, default=4096,

@@ -340,15 +340,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config)
     t = config.train
-    if t.batch_size % mesh.devices.size:
-        raise UserError(f"config.train.batch_size={t.batch_size} is not divisible by the "
-                         f"{mesh.devices.size} devices")
+    rows = family.rows_per_step(config)
+    if t.batch_size % mesh.devices.size or rows % mesh.devices.size:
+        extra = f" (with the rows it drops, {rows})" if rows != t.batch_size else ""
+        raise UserError(f"config.train.batch_size={t.batch_size}{extra} is not divisible by "
+                        f"the {mesh.devices.size} devices")
 
     train_source, metadata = input_pipeline.open_split(config.data, config.data.train_split)
     val_source, _ = input_pipeline.open_split(config.data, config.data.val_split)
     batches = input_pipeline.training_batches(
         config, family.training_transform(config, train_source, metadata), len(train_source),
-        mesh)
+        mesh, rows)
     val_transform = family.validation_transform(config, val_source, metadata)
 
     optimizer = make_optimizer(config)

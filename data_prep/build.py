@@ -3,6 +3,10 @@ r"""Build a CLIPSep dataset (TFDS, ArrayRecord): waveform, STFT and CLIP embeddi
   python -m data_prep.build --dataset=music --manual_dir=IN --data_dir=OUT \
       --clip=openai/clip-vit-base-patch32
 
+For the paper's baselines add --resnet=timm/resnet18.tv_in1k (SOP: frozen ResNet-18 frame
+vectors beside CLIP's) and --bert=google/bert_uncased_L-4_H-256_A-4 (BERTSep: a vector per label
+in the dataset's metadata).
+
 IN holds either train.csv, val.csv and test.csv (the reference's index layout) or vggsound.csv
 with the video files (see data_prep/sources.py). The dataset lands in OUT/<dataset>/1.0.0/ with
 the skip report skipped.csv beside it; read it with tfds.data_source(<dataset>, data_dir=OUT).
@@ -49,6 +53,19 @@ _DATA_DIR = flags.DEFINE_string(
 _CLIP = flags.DEFINE_string(
     "clip", DEFAULT_CLIP, "CLIP checkpoint: Hugging Face hub id or local folder."
 )
+_RESNET = flags.DEFINE_string(
+    "resnet", None,
+    "Also store SOP's frame vectors from this frozen ImageNet ResNet (dilated, max-pooled): a "
+    "hub id such as timm/resnet18.tv_in1k, a folder, a .pth file, or torchvision:resnet18.")
+_BERT = flags.DEFINE_string(
+    "bert", None,
+    "Also store BERTSep's label vectors from this BERT (hub id such as "
+    "google/bert_uncased_L-4_H-256_A-4, or a folder) in the dataset's metadata.")
+_BERT_POOLING = flags.DEFINE_enum(
+    "bert_pooling", "mean", ["mean", "cls", "pooler"],
+    "How BERT's token states become a label vector (see clipsep_jax/encoders/bert.py).")
+_BERT_TEMPLATE = flags.DEFINE_string(
+    "bert_template", "{}", "The text BERT embeds for a label ({} is the label).")
 _CLIP_DTYPE = flags.DEFINE_enum(
     "clip_dtype", "float32", ["float32", "bfloat16"], "CLIP compute dtype."
 )
@@ -148,6 +165,10 @@ def build_dataset(argv_flags=None) -> tuple:
         clips_per_shard=_SHARD.value,
         work_dir=_WORK_DIR.value,
         use_beam=use_beam,
+        resnet=_RESNET.value,
+        bert=_BERT.value,
+        bert_pooling=_BERT_POOLING.value,
+        bert_template=_BERT_TEMPLATE.value,
     )
     if _FRESH.value:
         clear_work_dir(builder.work_dir)

@@ -1,5 +1,7 @@
 """TFDS builders ``music``, ``vggsound`` and ``synth_music``: clips with waveform, STFT and CLIP
-embeddings.
+embeddings; optionally the SOP baseline's ResNet frame vectors (``resnet=``, feature
+``resnet_frame_embeddings``) and the BERTSep baseline's label vectors (``bert=``, metadata
+``label_embeddings``: encoder, model, pooling, template and a vector per label).
 
 Each example is one clip (see :func:`features`). Both builders read either input layout of
 :mod:`data_prep.sources` from the manual folder and write ArrayRecord files, so that
@@ -38,7 +40,9 @@ try:  # optional: only the Beam path needs it
 except ImportError:  # pragma: no cover
     beam = None
 
-from clipsep_jax.encoders.clip import CLIP, DEFAULT_CLIP
+from clipsep_jax.encoders.bert import BERT
+from clipsep_jax.encoders.clip import CLIP, DEFAULT_CLIP, text_prompt
+from clipsep_jax.encoders.resnet import ResNet
 from clipsep_jax.errors import UserError
 from data_prep.extract import ExtractedClip, ExtractOptions, Extractor, make_example
 from data_prep.media import require_ffmpeg
@@ -52,11 +56,18 @@ _STFT_LAYOUT = (
 )
 
 
-def features(options: ExtractOptions) -> tfds.features.FeaturesDict:
-    """The features of one clip. Large arrays are stored as raw bytes (fast numpy decoding)."""
+def features(options: ExtractOptions, resnet: bool = False) -> tfds.features.FeaturesDict:
+    """The features of one clip (with SOP's ResNet frame vectors when ``resnet``). Large arrays
+    are stored as raw bytes (fast numpy decoding)."""
     raw = tfds.features.Encoding.BYTES
+    extra = {}
+    if resnet:
+        extra["resnet_frame_embeddings"] = tfds.features.Tensor(
+            shape=(None, None), dtype=np.float16, encoding=raw,
+            doc=f"max-pooled frozen ResNet vector of every frame at {options.fps:g} fps (SOP)")
     return tfds.features.FeaturesDict(
         {
+            **extra,
             "id": tfds.features.Text(doc="clip id, unique in the dataset"),
             "label": tfds.features.Text(doc="class label as given (folder name or CSV label)"),
             "split": tfds.features.Text(),
@@ -127,9 +138,17 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         clips_per_shard: int = 32,
         work_dir: str | None = None,
         use_beam: bool = False,
+        resnet: str | None = None,
+        bert: str | None = None,
+        bert_pooling: str = "mean",
+        bert_template: str = "{}",
         **kwargs,
     ):
         self.clip_name = clip
+        self.resnet_name = resnet or None
+        self.bert_name = bert or None
+        self.bert_pooling = bert_pooling
+        self.bert_template = bert_template
         self.clip_dtype = clip_dtype
         self.clip_batch_size = clip_batch_size
         self.inputs = inputs or InputOptions()
@@ -148,7 +167,7 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=features(self.options),
+            features=features(self.options, resnet=bool(self.resnet_name)),
             metadata=tfds.core.MetadataDict(),
             homepage="https://sony.github.io/CLIPSep/",
             disable_shuffling=False,
@@ -194,6 +213,11 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                 "stft_layout": _STFT_LAYOUT,
             }
         )
+        if self.resnet_name:
+            self.info.metadata["resnet"] = self.resnet_name
+        if self.bert_name:
+            self.info.metadata["label_embeddings"] = bert_label_embeddings(
+                self.bert_name, labels, self.bert_pooling, self.bert_template)
         if self.use_beam:
             for stale in glob.glob(os.path.join(self.work_dir, "beam-skipped-*")):
                 os.remove(stale)
@@ -222,7 +246,9 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             clip = CLIP.from_pretrained(
                 self.clip_name, dtype=self.clip_dtype, batch_size=self.clip_batch_size
             )
-            self._extractor = Extractor(clip, self.options, self.num_workers)
+            self._extractor = Extractor(clip, self.options, self.num_workers,
+                                        _load_resnet(self.resnet_name, self.clip_dtype,
+                                                     self.clip_batch_size))
         return self._extractor
 
     def _shard_path(self, split: str, index: int, shard: Sequence[ClipSource]) -> str:
@@ -233,6 +259,7 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                     "clip": self.clip_name,
                     "clip_dtype": self.clip_dtype,
                     "options": dataclasses.asdict(self.options),
+                    **({"resnet": self.resnet_name} if self.resnet_name else {}),
                 },
                 sort_keys=True,
             ).encode()
@@ -310,10 +337,30 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         self.last_notes = dict(self._notes)
 
 
+def _load_resnet(name: str | None, dtype: str, batch_size: int) -> ResNet | None:
+    if not name:
+        return None
+    return ResNet.from_pretrained(name, dtype=dtype, batch_size=batch_size)
+
+
+def bert_label_embeddings(name: str, labels: Sequence[str], pooling: str,
+                          template: str) -> dict:
+    """The ``label_embeddings`` metadata: each label's text (``template`` filled with the label,
+    underscores as spaces) embedded by the BERT ``name``, with what made them."""
+    bert = BERT.from_pretrained(name, pooling=pooling)
+    vectors = bert.encode_text([text_prompt(label, template) for label in labels])
+    return {"encoder": "bert", "model": name, "pooling": pooling, "template": template,
+            "vectors": {label: [float(x) for x in v] for label, v in zip(labels, vectors,
+                                                                          strict=True)}}
+
+
 def _save_shard(path: str, clips: list[ExtractedClip], skips: list[Skip]) -> None:
     """One work shard, written to a temporary name and renamed."""
     waveforms = [c.waveform for c in clips]
     embeddings = [c.frame_embeddings for c in clips]
+    resnet = [c.resnet_embeddings for c in clips if c.resnet_embeddings is not None]
+    if resnet and len(resnet) != len(clips):
+        raise RuntimeError("some clips of a work shard have ResNet vectors and some do not")
     meta = {
         "clips": [{"clip_id": c.source.clip_id, "notes": c.notes} for c in clips],
         "skips": [dataclasses.asdict(s) for s in skips],
@@ -328,6 +375,7 @@ def _save_shard(path: str, clips: list[ExtractedClip], skips: list[Skip]) -> Non
             embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float16),
             embedding_counts=np.array([len(e) for e in embeddings], np.int64),
             meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+            **({"resnet_embeddings": np.concatenate(resnet)} if resnet else {}),
         )
     os.replace(tmp, path)
 
@@ -339,9 +387,12 @@ def _load_shard(path: str, shard: Sequence[ClipSource]) -> tuple[list[ExtractedC
         lengths, counts = data["waveform_lengths"], data["embedding_counts"]
         waveforms = np.split(data["waveforms"], np.cumsum(lengths)[:-1]) if len(lengths) else []
         embeddings = np.split(data["embeddings"], np.cumsum(counts)[:-1]) if len(counts) else []
+        resnet = [None] * len(embeddings)
+        if "resnet_embeddings" in data and len(counts):
+            resnet = np.split(data["resnet_embeddings"], np.cumsum(counts)[:-1])
     clips = [
-        ExtractedClip(by_id[m["clip_id"]], w, e, m["notes"])
-        for m, w, e in zip(meta["clips"], waveforms, embeddings, strict=True)
+        ExtractedClip(by_id[m["clip_id"]], w, e, m["notes"], r)
+        for m, w, e, r in zip(meta["clips"], waveforms, embeddings, resnet, strict=True)
     ]
     return clips, [Skip(**s) for s in meta["skips"]]
 
@@ -378,6 +429,7 @@ def _beam_transform(builder: ClipDatasetBuilder, split: str, sources: Sequence[C
         clip_batch_size=builder.clip_batch_size,
         options=builder.options,
         num_workers=builder.num_workers,
+        resnet=builder.resnet_name,
     )
     skipped_prefix = os.path.join(builder.work_dir, f"beam-skipped-{split}")
     os.makedirs(builder.work_dir, exist_ok=True)
@@ -405,16 +457,17 @@ if beam is not None:
     class _ExtractDoFn(beam.DoFn):
         """Extraction in a Beam worker: CLIP is loaded once per worker in ``setup``."""
 
-        def __init__(self, clip, clip_dtype, clip_batch_size, options, num_workers):
-            self.settings = (clip, clip_dtype, clip_batch_size)
+        def __init__(self, clip, clip_dtype, clip_batch_size, options, num_workers, resnet):
+            self.settings = (clip, clip_dtype, clip_batch_size, resnet)
             self.options = options
             self.num_workers = num_workers
             self.extractor = None
 
         def setup(self):
-            clip, dtype, batch = self.settings
+            clip, dtype, batch, resnet = self.settings
             model = CLIP.from_pretrained(clip, dtype=dtype, batch_size=batch)
-            self.extractor = Extractor(model, self.options, self.num_workers)
+            self.extractor = Extractor(model, self.options, self.num_workers,
+                                       _load_resnet(resnet, dtype, batch))
 
         def process(self, batch):
             for source, result in self.extractor.run(batch):

@@ -3,7 +3,9 @@
 :class:`Extractor` streams: worker threads decode clips ahead (audio, frames resized and cropped
 for CLIP), the main thread gathers their frames into fixed-size batches for the CLIP vision tower
 (sharded over the local devices) and hands back each clip, in input order, once its frames are
-embedded. Memory stays bounded by the read-ahead.
+embedded. Memory stays bounded by the read-ahead. Given a frozen ResNet (the SOP baseline's
+image encoder), the same resized and cropped frames also get its vectors, as the reference feeds
+both networks the same frames.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -53,6 +56,7 @@ class ExtractedClip:
     waveform: np.ndarray  # float32 [samples] at options.sample_rate
     frame_embeddings: np.ndarray  # float16 [frames, D]
     notes: list[str]
+    resnet_embeddings: np.ndarray | None = None  # float16 [frames, D'] (SOP), when asked for
 
 
 @dataclasses.dataclass
@@ -100,10 +104,14 @@ class Extractor:
         clip: the CLIP whose vision tower embeds frames (its ``batch_size`` frames per call).
         options: decoding and storage options.
         num_workers: decoding threads (ffmpeg, libsndfile and PIL release the GIL).
+        resnet: a :class:`clipsep_jax.encoders.resnet.ResNet` that also embeds every frame
+            (SOP's frame vectors), or None.
     """
 
-    def __init__(self, clip: CLIP, options: ExtractOptions, num_workers: int = 4):
+    def __init__(self, clip: CLIP, options: ExtractOptions, num_workers: int = 4,
+                 resnet: Any = None):
         self.clip = clip
+        self.resnet = resnet
         self.options = options
         self.num_workers = max(1, num_workers)
         self._text: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -157,12 +165,17 @@ class Extractor:
     def _embed(self, decoded: list[_Decoded]) -> Iterator[tuple[ClipSource, ExtractedClip]]:
         frames = np.concatenate([d.frames for d in decoded])
         embeddings = self.clip.encode_preprocessed(frames).astype(np.float16)
+        resnet = None
+        if self.resnet is not None:
+            resnet = self.resnet.encode_preprocessed(frames).astype(np.float16)
         start = 0
         for d in decoded:
             count = len(d.frames)
+            part = slice(start, start + count)
             yield (
                 d.source,
-                ExtractedClip(d.source, d.waveform, embeddings[start : start + count], d.notes),
+                ExtractedClip(d.source, d.waveform, embeddings[part], d.notes,
+                              None if resnet is None else resnet[part]),
             )
             start += count
 
@@ -204,7 +217,7 @@ def make_example(
     """The dataset example of an extracted clip (the features of :func:`features`)."""
     prompt, ensemble = text_embeddings
     s = clip.source
-    return {
+    example = {
         "id": s.clip_id,
         "label": s.label,
         "split": s.split,
@@ -215,3 +228,6 @@ def make_example(
         "text_embedding": prompt.astype(np.float32),
         "text_embedding_ensemble": ensemble.astype(np.float32),
     }
+    if clip.resnet_embeddings is not None:
+        example["resnet_frame_embeddings"] = clip.resnet_embeddings.astype(np.float16)
+    return example

@@ -70,9 +70,61 @@ def tiny_clip_folder(tmp_path_factory):
     return str(folder)
 
 
+# A small ResNet of torchvision's layout (one block per stage, 128-wide vectors) and a small BERT
+# (32-wide vectors): the SOP and BERTSep baselines' encoders in the session dataset.
+TINY_RESNET = dict(blocks=(1, 1, 1, 1), widths=(16, 32, 64, 128))
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=64)
+BERT_WORDS = ["accordion", "tuba", "acoustic", "guitar", "violin", "cello", "flute", "the",
+              "sound", "of", "a", "photo", "playing"]
+
+
+def save_tiny_resnet(path, seed=0, **sizes):
+    """torchvision-layout weights of a random ResNet, saved with torch.save (a .pth file)."""
+    import torch
+    import torch_reference as tr
+
+    torch.manual_seed(seed)
+    net = tr.ResNet(**{**TINY_RESNET, **sizes})
+    torch.save(net.state_dict(), path)
+    return net
+
+
+def save_tiny_bert(folder, seed=0, safe_serialization=True, **sizes):
+    """A random transformers BertModel with a WordPiece tokenizer, saved to ``folder``."""
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = list("abcdefghijklmnopqrstuvwxyz") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS, *letters]
+    tokenizer = transformers.BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=len(vocab), **{**TINY_BERT, **sizes})
+    model = transformers.BertModel(config).eval()
+    model.save_pretrained(folder, safe_serialization=safe_serialization)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
 @pytest.fixture(scope="session")
-def generated_dataset(tmp_path_factory, tiny_clip_folder):
-    """data_prep's output for generated tones with class-coloured frames (music builder)."""
+def tiny_resnet_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("session_resnet") / "resnet-tiny.pth"
+    save_tiny_resnet(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("session_bert") / "bert"
+    save_tiny_bert(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def generated_dataset(tmp_path_factory, tiny_clip_folder, tiny_resnet_file, tiny_bert_folder):
+    """data_prep's output for generated tones with class-coloured frames (music builder), with
+    the SOP and BERTSep baselines' ResNet frame vectors and BERT label vectors."""
     from generated_data import clean_tree
 
     from data_prep import build
@@ -81,7 +133,8 @@ def generated_dataset(tmp_path_factory, tiny_clip_folder):
     clean_tree(root)
     out = tmp_path_factory.mktemp("generated_data")
     build.run(["--dataset=music", f"--manual_dir={root}", f"--data_dir={out}",
-               f"--clip={tiny_clip_folder}", "--min_samples=16383"])
+               f"--clip={tiny_clip_folder}", "--min_samples=16383",
+               f"--resnet={tiny_resnet_file}", f"--bert={tiny_bert_folder}"])
     return str(out)
 
 

@@ -38,14 +38,15 @@ def clean_tree(root: Path, per_split=(8, 8, 4), seconds=6.0) -> None:
             csv.writer(f).writerows(rows)
 
 
-def tiny_config(data_dir: str, **train_overrides):
-    config = default_config()
+def tiny_config(data_dir: str, kind: str = "clipsep", **train_overrides):
+    config = default_config(kind)
     config.data.data_dir = data_dir
     config.data.num_workers = 0
     config.model.num_downs = 5
     config.model.base_width = 8
     config.model.num_mask_channels = 4
-    config.model.query_dim = 40
+    # The tiny encoders' widths (tests/conftest.py): CLIP 40, ResNet 128, BERT 32.
+    config.model.query_dim = {"sop": 128, "bertsep": 32}.get(kind, 40)
     config.audio.crop_samples = 16383  # 64 STFT frames
     config.query.frame_margin_seconds = 2.0
     config.train.batch_size = 8  # one example per emulated device in-process

@@ -78,8 +78,8 @@ def test_non_tensor_pickles_and_missing_files_are_refused(tmp_path):
         convert.read_state_dict(tmp_path / "garbage.pt")
     with pytest.raises(FileNotFoundError, match="absent.pt"):
         convert.read_state_dict(tmp_path / "absent.pt")
-    with pytest.raises(ValueError, match="model_kind='sop'"):
-        convert.infer_config({}, "sop")
+    with pytest.raises(ValueError, match="model_kind='sepformer'"):
+        convert.infer_config({}, "sepformer")
 
 
 def test_orbax_round_trip_and_command_line(small_state, tmp_path):

@@ -109,8 +109,8 @@ def test_bad_inputs_are_refused_with_clear_messages():
 
 def test_config_validation_names_the_field():
     config = config_lib.default_config()
-    config.model.kind = "sop"
-    with pytest.raises(ValueError, match="config.model.kind='sop'"):
+    config.model.kind = "sepformer"
+    with pytest.raises(ValueError, match="config.model.kind='sepformer'"):
         config_lib.validate(config)
     config = config_lib.default_config()
     config.model.kind = "clipsep_nit"

@@ -26,6 +26,8 @@ KINDS = {
     "clipsep_nit": "clipsep",
     "pit": "clipsep",
     "labelsep": "clipsep",
+    "sop": "clipsep",
+    "bertsep": "clipsep",
 }
 
 

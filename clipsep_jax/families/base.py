@@ -62,6 +62,11 @@ class Family(abc.ABC):
         """Defaults of the family's own section ``config.<name>``, or None."""
         return None
 
+    def kind_defaults(self, config: ml_collections.ConfigDict) -> None:
+        """Sets the shared fields whose default depends on ``config.model.kind`` (e.g. the query
+        encoder); called by ``default_config`` once every section exists."""
+        return None
+
     @abc.abstractmethod
     def validate_config(self, config: ml_collections.ConfigDict) -> None:
         """Raises ValueError naming the field when ``config`` cannot describe a model."""
@@ -85,6 +90,11 @@ class Family(abc.ABC):
         logged beside the loss."""
 
     # -- data -------------------------------------------------------------------------------
+
+    def rows_per_step(self, config: ml_collections.ConfigDict) -> int:
+        """Examples the input pipeline delivers per training step (global); :meth:`loss` may
+        train on fewer of them (default: ``config.train.batch_size``)."""
+        return config.train.batch_size
 
     @abc.abstractmethod
     def training_transform(self, config: ml_collections.ConfigDict, source: Any,

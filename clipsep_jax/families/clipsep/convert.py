@@ -161,8 +161,7 @@ def infer_config(
     """The configuration of ``model_kind`` at the sizes the state dict's tensors imply."""
     if model_kind not in MODEL_KINDS:
         raise UserError(f"model_kind={model_kind!r}: expected one of {', '.join(MODEL_KINDS)}")
-    config = default_config()
-    config.model.kind = model_kind
+    config = default_config(model_kind)
     outer_down = _require(state, _UNET + "0.weight", source)
     if outer_down.ndim != 4 or outer_down.shape[1] != 1:
         raise UserError(
@@ -246,7 +245,10 @@ def load_reference_checkpoint(
 
     Args:
       path: a ``.pt``/``.pth`` state dict saved by the reference's training script.
-      model_kind: one of ``clipsep``, ``clipsep_nit``, ``pit``, ``labelsep``.
+      model_kind: one of ``clipsep``, ``clipsep_nit``, ``pit``, ``labelsep``, ``sop`` (the
+        reference's ``--image_model sop``: CLIPSep's layout on ResNet vectors; the frozen
+        ResNet is not in the checkpoint) or ``bertsep`` (``--image_model bert``: a
+        ``frame_net`` of 256 inputs; the label vectors are not in the checkpoint either).
     """
     state = read_state_dict(path)
     config = infer_config(state, model_kind, source=str(path))

@@ -14,8 +14,11 @@ clipped waveform. Frames beyond the clip's ends are zeros, as the reference zero
 
 :func:`mix_sources` gives (numpy, per element): ``mag_mix`` [513, 256], ``mags`` [N, 513, 256],
 ``image_queries`` and ``text_queries`` [N, D], ``labels`` [N] (index into the dataset's label
-list); with waveforms also ``waveforms`` [N, crop] (the scaled sources), ``mix_stft``
-[513, 256, 2] and ``text_queries_ensemble`` [N, D] (the prompt-ensemble embeddings).
+list); image queries come from the stored CLIP frame embeddings (SOP: the ResNet's,
+``resnet_frame_embeddings``), text queries from the label prompt's CLIP embedding (BERTSep:
+the label's BERT vector from the dataset's metadata, ``label_embeddings``); with waveforms
+also ``waveforms`` [N, crop] (the scaled sources), ``mix_stft`` [513, 256, 2] and
+``text_queries_ensemble`` [N, D] (the prompt-ensemble embeddings).
 :func:`model_inputs` keeps what the model of a kind reads.
 """
 
@@ -58,6 +61,8 @@ class MixSettings:
     gain_min: float
     gain_max: float
     labels: tuple[str, ...]
+    image_feature: str = "frame_embeddings"  # the stored frame vectors image queries average
+    label_vectors: dict[str, np.ndarray] | None = None  # label -> text query (BERTSep)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, metadata: dict) -> MixSettings:
@@ -74,7 +79,10 @@ class MixSettings:
                     f"the dataset was prepared with {key}={metadata[key]}, the config says "
                     f"{ours}; prepare it again or change config.audio / config.query"
                 )
+        kind = config.model.kind
         return cls(
+            image_feature="resnet_frame_embeddings" if kind == "sop" else "frame_embeddings",
+            label_vectors=bert_label_vectors(config, metadata) if kind == "bertsep" else None,
             num_sources=config.num_sources,
             crop_samples=a.crop_samples,
             sample_rate=a.sample_rate,
@@ -93,6 +101,52 @@ class MixSettings:
     @property
     def crop_frames(self) -> int:
         return audio.num_frames(self.crop_samples, self.hop_length)
+
+
+def bert_label_vectors(config: ml_collections.ConfigDict, metadata: dict) -> dict[str, np.ndarray]:
+    """The dataset's BERT label vectors (``metadata["label_embeddings"]``, written by
+    ``data_prep.build --bert=...``), checked against ``config.query``: the same encoder, pooling
+    and text template, since separation embeds its text queries with them."""
+    stored = metadata.get("label_embeddings")
+    if not stored:
+        raise UserError("the dataset has no BERT label embeddings (metadata label_embeddings); "
+                        "prepare it with data_prep.build --bert=<hub id or folder>")
+    q = config.query
+    for key, ours, field in (("model", q.encoder_model, "encoder_model"),
+                             ("pooling", q.bert_pooling, "bert_pooling"),
+                             ("template", q.text_template, "text_template")):
+        if stored.get(key) != ours:
+            raise UserError(f"the dataset's label embeddings were made with {key} "
+                            f"{stored.get(key)!r}, config.query.{field} is {ours!r}: set it "
+                            "to the dataset's, or prepare the dataset again")
+    vectors = {label: np.asarray(v, np.float32) for label, v in stored["vectors"].items()}
+    dims = {v.shape for v in vectors.values()}
+    if dims != {(config.model.query_dim,)}:
+        raise UserError(f"the dataset's label embeddings have shape(s) {sorted(dims)}, "
+                        f"config.model.query_dim is {config.model.query_dim}")
+    return vectors
+
+
+def _frame_vectors(record: dict, settings: MixSettings) -> np.ndarray:
+    if settings.image_feature not in record:
+        raise UserError(f"the dataset has no {settings.image_feature} (SOP's ResNet frame "
+                        "vectors); prepare it with data_prep.build --resnet=<hub id, folder or "
+                        ".pth file>")
+    return record[settings.image_feature]
+
+
+def _label_name(record: dict) -> str:
+    label = record["label"]
+    return label.decode() if isinstance(label, bytes) else str(label)
+
+
+def _text_query(record: dict, settings: MixSettings) -> np.ndarray:
+    if settings.label_vectors is None:
+        return np.asarray(record["text_embedding"], np.float32)
+    label = _label_name(record)
+    if label not in settings.label_vectors:
+        raise UserError(f"label {label!r} has no BERT vector in the dataset's metadata")
+    return settings.label_vectors[label]
 
 
 def centre_frame(frame_count: int, settings: MixSettings, rng: np.random.Generator | None) -> int:
@@ -181,13 +235,13 @@ def mix_sources(
                 crop = crop * (gain * scale)
         spectra.append(spectrum)
         waveforms.append(crop)
-        image_queries.append(image_query(record["frame_embeddings"], centre, settings))
-        text_queries.append(np.asarray(record["text_embedding"], np.float32))
+        image_queries.append(image_query(_frame_vectors(record, settings), centre, settings))
+        text_queries.append(_text_query(record, settings))
         if with_waveforms:
-            ensembles.append(np.asarray(
-                record.get("text_embedding_ensemble", record["text_embedding"]), np.float32))
-        label = record["label"]
-        label = label.decode() if isinstance(label, bytes) else str(label)
+            ensembles.append(text_queries[-1] if settings.label_vectors is not None else
+                             np.asarray(record.get("text_embedding_ensemble",
+                                                   record["text_embedding"]), np.float32))
+        label = _label_name(record)
         labels.append(settings.labels.index(label) if label in settings.labels else -1)
     spectra = np.stack(spectra)
     mixture = spectra.sum(axis=0)

@@ -97,12 +97,15 @@ def test_mixtures(config: ml_collections.ConfigDict, source: Any, metadata: dict
 
 def query_modes(config: ml_collections.ConfigDict) -> list[str]:
     """The query modes evaluated for ``config.model.kind``: CLIP models take
-    ``config.eval.query_modes`` (image, text, text_ensemble), LabelSep its label, PIT none."""
+    ``config.eval.query_modes`` (image, text, text_ensemble), LabelSep its label, PIT none,
+    SOP its image queries (ResNet vectors), BERTSep its text queries (label vectors)."""
     kind = config.model.kind
     if kind == "pit":
         return ["none"]
     if kind == "labelsep":
         return ["label"]
+    if kind in ("sop", "bertsep"):
+        return [config.query.mode]
     modes = [m.strip() for m in config.eval.query_modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in QUERY_KEYS]
     if unknown or not modes:
@@ -190,7 +193,7 @@ def evaluate(config: ml_collections.ConfigDict, variables: dict, examples: Any,
 
     ``variables`` are host arrays (the same on every host); ``mesh`` defaults to every device.
     Every host builds and scores its own rows; every host returns the whole report."""
-    e, kind = config.eval, config.model.kind
+    e = config.eval
     mesh = mesh if mesh is not None else sharding.make_mesh(config)
     modes = query_modes(config)
     total = len(examples)
@@ -205,12 +208,12 @@ def evaluate(config: ml_collections.ConfigDict, variables: dict, examples: Any,
         raise UserError(f"test crops have {frames} STFT frames, not a multiple of {multiple}; "
                          "set config.audio.crop_samples to a multiple of the hop (minus 1)")
     length = (frames - 1) * config.audio.hop_length  # librosa.istft's length, as the reference
-    if kind in ("clipsep", "clipsep_nit"):
-        dim = first["image_queries"].shape[-1]
+    if modes[0] in QUERY_KEYS:
+        dim = first[QUERY_KEYS[modes[0]]].shape[-1]
         if dim != config.model.query_dim:
-            raise UserError(f"the dataset's query embeddings have {dim} dimensions, the model "
-                             f"takes {config.model.query_dim}: prepare the data with the CLIP "
-                             "the model was trained with")
+            raise UserError(f"the dataset's {modes[0]} query embeddings have {dim} dimensions, "
+                            f"the model takes {config.model.query_dim}: prepare the data with "
+                            "the query encoder the model was trained with")
 
     variables = sharding.replicate(variables, mesh)
     separate = {mode: jax.jit(functools.partial(_separate, config, mode), static_argnums=2)
@@ -315,6 +318,9 @@ def format_table(report: dict) -> str:
     lines = [header, "|" + "---|" * 9]
     names = {"text": "text", "text_ensemble": "text (prompt ensemble)", "image": "image",
              "label": "label", "none": "none (PIT)", "mixture": "mixture (baseline)"}
+    # The baselines' queries come from other encoders than CLIP.
+    names.update({"sop": {"image": "image (ResNet-18)"},
+                  "bertsep": {"text": "label (BERT)"}}.get(report.get("model_kind"), {}))
     for row in report["rows"]:
         cells = [names.get(row["query"], row["query"]), row["variant"] or "-",
                  str(row["sdr"]["count"])]

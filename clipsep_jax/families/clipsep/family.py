@@ -1,4 +1,6 @@
-"""The CLIPSep family: CLIPSep, CLIPSep-NIT, PIT and LabelSep behind the family interface."""
+"""The CLIPSep family behind the family interface: CLIPSep and CLIPSep-NIT (CLIP queries), and
+the paper's baselines PIT (no queries), LabelSep (learned label table), SOP (frozen ImageNet
+ResNet-18 frame vectors) and BERTSep (BERT label vectors)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import ml_collections
 import numpy as np
 
 from clipsep_jax import audio
+from clipsep_jax.encoders.bert import DEFAULT_BERT
+from clipsep_jax.encoders.resnet import DEFAULT_RESNET
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.base import Family, check_choices
-from clipsep_jax.families.clipsep import convert, evaluation, model
+from clipsep_jax.families.clipsep import convert, evaluation, losses, model
 from clipsep_jax.families.clipsep.data import TrainingMixer, ValidationMixer, model_inputs
 from clipsep_jax.families.clipsep.separator import Separator
 from clipsep_jax.pictures import spectrogram_picture
@@ -28,6 +32,8 @@ CHOICES = {
     "model.up_conv_formulation": ("taps_first", "upsample_first"),
     "model.fusion": ("late",),
 }
+# Kinds queried through a frozen encoder other than CLIP: (query encoder, query mode).
+_ENCODER_KINDS = {"sop": ("resnet", "image"), "bertsep": ("bert", "text")}
 
 
 def training_queries(config: ml_collections.ConfigDict, batch: dict, step: jax.Array):
@@ -58,7 +64,11 @@ def per_example_loss(config: ml_collections.ConfigDict, outputs: dict, mag_mix: 
 
 def _validation_modes(config: ml_collections.ConfigDict) -> tuple[list[str], str]:
     """(query modes scored, the one whose loss is reported)."""
-    modes = ["image"] if config.model.kind in ("pit", "labelsep") else ["image", "text"]
+    kind = config.model.kind
+    if kind in _ENCODER_KINDS:
+        modes = [_ENCODER_KINDS[kind][1]]
+    else:
+        modes = ["image"] if kind in ("pit", "labelsep") else ["image", "text"]
     loss_mode = "image" if config.query.mode == "hybrid" else config.query.mode
     return modes, loss_mode if loss_mode in modes else modes[0]
 
@@ -74,11 +84,13 @@ class CLIPSepFamily(Family):
 
     def model_config(self, kind: str) -> ml_collections.ConfigDict:
         m = ml_collections.ConfigDict()
-        m.kind = kind  # clipsep | clipsep_nit | pit | labelsep
+        m.kind = kind  # clipsep | clipsep_nit | pit | labelsep | sop | bertsep
         m.num_downs = 7  # U-Net levels (the reference's `layers`; at least 5)
         m.base_width = 64  # channels of the outermost level (the reference's ngf)
         m.num_mask_channels = 32  # k: intermediate masks (the reference's `channels`)
-        m.query_dim = 512  # CLIP embedding size
+        # Query embedding size: CLIP's (512), SOP's ResNet-18 vectors (512), BERTSep's label
+        # vectors (256: the reference's Linear(256, k)).
+        m.query_dim = 256 if kind == "bertsep" else 512
         m.num_labels = 11  # LabelSep: rows of the label-embedding table
         m.num_noise_heads = 2  # CLIPSep-NIT
         # Computation dtype of convolutions and matmuls; parameters and BatchNorm stay float32.
@@ -107,13 +119,55 @@ class CLIPSepFamily(Family):
         c.nit.reg_epsilon = 0.1
         c.nit.activation_reg_coef = 0.1  # reg2_coef: penalises busy noise heads
         c.nit.activation_reg_epsilon = 0.25  # reg2_epsilon
+        # The reference's drop_closest, for kinds queried by embeddings: from step
+        # drop_closest_steps on, d > 0 trains each step on the batch_size least alike of
+        # batch_size + d mixtures (the input pipeline delivers batch_size + d rows from the
+        # start; before that step the first batch_size are kept); -1 (soft) weighs each
+        # mixture's loss by relu(1 - 2 relu(similarity - 0.5)). Similarity: the largest cosine
+        # between two of the mixture's query embeddings. 0: off (the reference's default).
+        c.drop_closest = 0
+        c.drop_closest_steps = 10_000
         return c
+
+    def kind_defaults(self, config: ml_collections.ConfigDict) -> None:
+        """SOP queries with the frozen ResNet's frame vectors, BERTSep with BERT's label
+        vectors (the label itself as the text, mean-pooled)."""
+        kind = config.model.kind
+        if kind == "sop":
+            config.query.encoder, config.query.encoder_model = "resnet", DEFAULT_RESNET
+        elif kind == "bertsep":
+            config.query.encoder, config.query.encoder_model = "bert", DEFAULT_BERT
+            config.query.mode = "text"
+            config.query.text_template = "{}"
 
     def validate_config(self, config: ml_collections.ConfigDict) -> None:
         check_choices(config, CHOICES)
         m = config.model
         if m.num_downs < 5:
             raise UserError(f"config.model.num_downs={m.num_downs}: the U-Net needs >= 5")
+        kind, q = m.kind, config.query
+        if kind in _ENCODER_KINDS:
+            encoder, mode = _ENCODER_KINDS[kind]
+            if q.encoder != encoder:
+                raise UserError(f"config.query.encoder={q.encoder!r}: model kind {kind!r} is "
+                                f"queried through {encoder!r}")
+            if q.mode != mode:
+                raise UserError(f"config.query.mode={q.mode!r}: model kind {kind!r} takes "
+                                f"{mode} queries only")
+        elif kind in model.EMBEDDING_KINDS and q.encoder != "clip":
+            raise UserError(f"config.query.encoder={q.encoder!r}: model kind {kind!r} is "
+                            "queried through 'clip'")
+        d = config.clipsep.drop_closest
+        if d:
+            if d < -1:
+                raise UserError(f"config.clipsep.drop_closest={d}: expected 0 (off), a count "
+                                "of mixtures to drop, or -1 (soft)")
+            if kind not in model.EMBEDDING_KINDS:
+                raise UserError(f"config.clipsep.drop_closest={d}: model kind {kind!r} has no "
+                                "query embeddings to compare")
+            if config.num_sources < 2:
+                raise UserError(f"config.clipsep.drop_closest={d} needs config.num_sources "
+                                ">= 2")
         if m.kind == "clipsep_nit" and m.num_noise_heads < config.num_sources:
             raise UserError(
                 f"config.model.num_noise_heads={m.num_noise_heads} is smaller than "
@@ -121,11 +175,16 @@ class CLIPSepFamily(Family):
             )
 
     def migrate_config(self, saved: dict) -> dict:
-        """Before the model-family redesign, ``loss`` and ``nit`` were top-level sections."""
+        """Before the model-family redesign, ``loss`` and ``nit`` were top-level sections and
+        ``drop_closest`` (then refused) lived in ``train``."""
         section = dict(saved.get(self.name, {}))
         for key in ("loss", "nit"):
             if key in saved:
                 section.setdefault(key, saved.pop(key))
+        train = saved.get("train", {})
+        for key in ("drop_closest", "drop_closest_steps"):
+            if key in train:
+                section.setdefault(key, train.pop(key))
         if section:
             saved[self.name] = section
         return saved
@@ -137,11 +196,29 @@ class CLIPSepFamily(Family):
 
     def loss(self, config, params, model_state, batch, rng, step):
         queries = training_queries(config, batch, step)
-        out = model.forward(config, {"params": params, **model_state}, batch["mag_mix"],
-                            queries, batch["mags"], train=True, step=step)
-        return out["loss"], ({}, {"batch_stats": out["batch_stats"]})
+        mag_mix, mags, example_weight = batch["mag_mix"], batch["mags"], None
+        metrics = {}
+        d = config.clipsep.drop_closest
+        if d:
+            active = step >= config.clipsep.drop_closest_steps
+            similarity = losses.query_similarity(queries)
+            if d > 0:
+                keep = losses.rows_to_keep(similarity, config.train.batch_size, active)
+                mag_mix, mags, queries = (jnp.take(x, keep, axis=0)
+                                          for x in (mag_mix, mags, queries))
+                metrics["kept_similarity"] = jnp.mean(jnp.take(similarity, keep))
+            else:
+                example_weight = jnp.where(active, losses.soft_drop_weight(similarity), 1.0)
+                metrics["mean_example_weight"] = jnp.mean(example_weight)
+        out = model.forward(config, {"params": params, **model_state}, mag_mix, queries, mags,
+                            train=True, step=step, example_weight=example_weight)
+        return out["loss"], (metrics, {"batch_stats": out["batch_stats"]})
 
     # -- data -------------------------------------------------------------------------------
+
+    def rows_per_step(self, config):
+        """``batch_size + drop_closest`` rows with hard drop_closest, else ``batch_size``."""
+        return config.train.batch_size + max(0, config.clipsep.drop_closest)
 
     def training_transform(self, config, source, metadata):
         return TrainingMixer(config, source, metadata)

@@ -204,3 +204,38 @@ def pit_loss(logits: jax.Array, targets: jax.Array, weight: jax.Array) -> jax.Ar
     # pairwise[b, i, j]: output i against target j.
     pairwise = per_example_bce(prob[:, :, None], targets[:, None], weight[:, None, None])
     return jnp.mean(jnp.min(_assignment_costs(pairwise), axis=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# drop_closest: training on mixtures whose queries are not alike (the reference's option)
+
+
+def query_similarity(queries: jax.Array) -> jax.Array:
+    """How alike each example's queries are: the largest cosine similarity between two of its N
+    query embeddings, [B, N, D] -> [B] float32 (N = 2: the reference's cosine of the pair).
+    Treated as a constant (no gradient), as the reference detaches the embeddings."""
+    q = jax.lax.stop_gradient(queries).astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(q * q, axis=-1, keepdims=True))
+    unit = q / jnp.maximum(norm, 1e-8)  # torch's cosine_similarity clamps the norms at 1e-8
+    cosine = jnp.einsum("bnd,bmd->bnm", unit, unit, precision=jax.lax.Precision.HIGHEST)
+    n = queries.shape[1]
+    off_diagonal = ~jnp.eye(n, dtype=bool)
+    return jnp.max(jnp.where(off_diagonal, cosine, -jnp.inf), axis=(1, 2))
+
+
+def rows_to_keep(similarity: jax.Array, num_keep: int, active: jax.Array | bool) -> jax.Array:
+    """Hard drop_closest: indices of the ``num_keep`` rows to train on out of ``B + d``.
+
+    Active: the rows with the smallest similarity, in ascending order of it (the reference
+    sorts the batch and drops its last d; ties keep the earlier row). Inactive (before
+    ``drop_closest_steps``): the first ``num_keep`` rows, so the step trains on a batch of the
+    usual size either way. [B + d] -> int32 [num_keep]."""
+    order = jnp.argsort(similarity, stable=True)[:num_keep]
+    return jnp.where(active, order, jnp.arange(num_keep)).astype(jnp.int32)
+
+
+def soft_drop_weight(similarity: jax.Array) -> jax.Array:
+    """Soft drop_closest (the reference's ``drop_closest=-1``): each example's loss weight,
+    1 up to similarity 0.5, falling linearly to 0 at similarity 1: relu(1 - 2 relu(s - 0.5)).
+    [B] -> [B]; the loss stays a plain mean (not renormalised by the weights)."""
+    return jax.nn.relu(1.0 - 2.0 * jax.nn.relu(similarity - 0.5))

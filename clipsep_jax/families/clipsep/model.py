@@ -18,10 +18,13 @@ from clipsep_jax import audio, losses
 from clipsep_jax.config import validate
 from clipsep_jax.families.clipsep.networks import PIT, CLIPSep, CLIPSepNIT, LabelSep
 
-__all__ = ["KINDS", "build_model", "init_variables", "network_input", "warped_magnitudes",
-           "forward"]
+__all__ = ["KINDS", "EMBEDDING_KINDS", "build_model", "init_variables", "network_input",
+           "warped_magnitudes", "forward"]
 
-KINDS = ("clipsep", "clipsep_nit", "pit", "labelsep")
+KINDS = ("clipsep", "clipsep_nit", "pit", "labelsep", "sop", "bertsep")
+# Kinds whose queries are embedding vectors [B, N, query_dim] (CLIP's, SOP's ResNet vectors,
+# BERTSep's label vectors); the rest take label ids (labelsep) or nothing (pit).
+EMBEDDING_KINDS = ("clipsep", "clipsep_nit", "sop", "bertsep")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -39,7 +42,7 @@ def build_model(config: ml_collections.ConfigDict):
         batch_norm_epsilon=m.batch_norm_epsilon,
         up_conv_formulation=m.up_conv_formulation,
     )
-    if m.kind == "clipsep":
+    if m.kind in ("clipsep", "sop", "bertsep"):  # the same network; the queries differ
         return CLIPSep(**common)
     if m.kind == "clipsep_nit":
         return CLIPSepNIT(num_noise_heads=m.num_noise_heads, **common)
@@ -128,8 +131,11 @@ def model_loss(
     warped_mix: jax.Array,
     warped_sources: jax.Array,
     step: int | jax.Array | None = None,
+    example_weight: jax.Array | None = None,
 ) -> jax.Array:
-    """The reference's loss of ``config.model.kind`` from model outputs and warped magnitudes."""
+    """The reference's loss of ``config.model.kind`` from model outputs and warped magnitudes.
+
+    ``example_weight`` [B] multiplies each example's loss weights (soft drop_closest)."""
     targets, weight = losses.mask_targets(
         warped_mix,
         warped_sources,
@@ -139,6 +145,8 @@ def model_loss(
         weight_min=config.clipsep.loss.weight_min,
         weight_max=config.clipsep.loss.weight_max,
     )
+    if example_weight is not None:
+        weight = weight * example_weight.astype(jnp.float32)[:, None, None]
     kind = config.model.kind
     if kind == "pit":
         return losses.pit_loss(outputs["query_logits"], targets, weight)
@@ -168,6 +176,7 @@ def forward(
     mags: jax.Array | np.ndarray | None = None,
     train: bool = False,
     step: int | jax.Array | None = None,
+    example_weight: jax.Array | None = None,
 ) -> dict:
     """Runs the separation model of ``config.model.kind``.
 
@@ -178,11 +187,12 @@ def forward(
       config: the model's configuration (``clipsep_jax.config`` schema).
       variables: {'params', 'batch_stats'}.
       mag_mix: linear-frequency mixture magnitude [B, 513, T] (T divisible by 2**num_downs).
-      queries: [B, N, query_dim] embeddings (CLIPSep, CLIPSep-NIT), [B, N] int label ids
-        (LabelSep), or None (PIT).
+      queries: [B, N, query_dim] embeddings (CLIPSep, CLIPSep-NIT, SOP, BERTSep), [B, N] int
+        label ids (LabelSep), or None (PIT).
       mags: the sources' linear-frequency magnitudes [B, N, 513, T], when a loss is wanted.
       train: batch statistics instead of running statistics, and updated running statistics.
       step: training step, for CLIPSep-NIT's warm-up (None: after warm-up).
+      example_weight: [B] factors of each example's loss weights (soft drop_closest).
     Returns:
       dict with ``query_logits`` [B, N, F, T] (pre-sigmoid, model frequency axis; PIT: its N
       output channels), ``noise_logits`` [B, H, F, T] (CLIPSep-NIT), ``loss`` (float32 scalar,
@@ -203,5 +213,6 @@ def forward(
         outputs = dict(model.apply(variables, log_mag_mix, queries, train=False))
     if mags is not None:
         warped_sources = warped_magnitudes(config, mags.astype(jnp.float32))
-        outputs["loss"] = model_loss(config, outputs, warped_mix, warped_sources, step)
+        outputs["loss"] = model_loss(config, outputs, warped_mix, warped_sources, step,
+                                     example_weight)
     return outputs

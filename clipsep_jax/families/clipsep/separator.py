@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from clipsep_jax import audio, inference
-from clipsep_jax.encoders import load_encoder
+from clipsep_jax.encoders import load_query_encoder
 from clipsep_jax.encoders.clip import text_prompt
 from clipsep_jax.families.clipsep.model import forward
 from clipsep_jax.separation import (
@@ -30,7 +30,7 @@ from clipsep_jax.separation import (
 
 __all__ = ["Separator", "SeparationError", "QUERY_KINDS"]
 
-QUERY_KINDS = ("clipsep", "clipsep_nit")
+QUERY_KINDS = ("clipsep", "clipsep_nit", "sop", "bertsep")
 
 
 class Separator:
@@ -87,7 +87,7 @@ class Separator:
             q = self.config.query
             name = self._clip or q.encoder_model
             try:
-                self._clip = load_encoder(q.encoder, name)
+                self._clip = load_query_encoder(q, name)
             except OSError as e:  # transformers' "not a folder nor a cached hub id"
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise SeparationError(f"the query encoder {name!r} cannot be loaded ({first}); "
@@ -101,23 +101,29 @@ class Separator:
         self.embed_queries(queries)
 
     def embed_queries(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
-        """Texts ("playing bagpipes" -> "a photo of playing bagpipes") or uint8 RGB images
-        -> CLIP embeddings [N, D]."""
+        """Texts ("playing bagpipes" -> "a photo of playing bagpipes"; the template is
+        ``config.query.text_template``) or uint8 RGB images -> query embeddings [N, D] from the
+        model's query encoder (CLIP; SOP: the ResNet, images only; BERTSep: BERT, text only)."""
         if not queries:
             raise SeparationError("no queries: give at least one text or image")
         embeddings = []
         for q in queries:
-            if isinstance(q, str):
-                if not q.strip():
-                    raise SeparationError("empty text query")
-                embeddings.append(self.clip.encode_text(
-                    [text_prompt(q, self.config.query.text_template)])[0])
-            else:
-                embeddings.append(self.clip.encode_image([np.asarray(q)])[0])
+            try:
+                if isinstance(q, str):
+                    if not q.strip():
+                        raise SeparationError("empty text query")
+                    embeddings.append(self.clip.encode_text(
+                        [text_prompt(q, self.config.query.text_template)])[0])
+                else:
+                    embeddings.append(self.clip.encode_image([np.asarray(q)])[0])
+            except SeparationError:
+                raise
+            except ValueError as e:  # e.g. a text query to SOP's image-only ResNet
+                raise SeparationError(f"model kind {self.config.model.kind!r}: {e}") from e
         embeddings = np.stack(embeddings)
         if embeddings.shape[1] != self.config.model.query_dim:
             raise SeparationError(
-                f"CLIP gives {embeddings.shape[1]}-dim embeddings, the model takes "
+                f"the query encoder gives {embeddings.shape[1]}-dim embeddings, the model takes "
                 f"{self.config.model.query_dim}")
         return embeddings
 
