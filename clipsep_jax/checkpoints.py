@@ -16,7 +16,15 @@ A model directory (:func:`save_model`, ``python -m clipsep_jax.convert``)::
     DIR/config.json   the config
     DIR/variables/    orbax checkpoint of the variables {'params', <state collections>}
 
-Both are written under temporary names and renamed when complete, so a reader never sees half
+A pretrained folder (:func:`save_pretrained`, ``python -m clipsep_jax.export``), the layout
+Hugging Face users expect, loadable by folder or hub id (:func:`load_pretrained`)::
+
+    DIR/config.json         the config
+    DIR/model.safetensors   the variables, keys ``params/unet/down_conv_0/kernel``, ...
+    DIR/README.md           the model card (what it is, query encoder, data, evaluation, config)
+    DIR/query_encoder/      the query encoder, when it is not on the hub (else its hub id)
+
+All are written under temporary names and renamed when complete, so a reader never sees half
 of one. :class:`TrainingCheckpoints` saves and restores for training; :func:`load_workdir` and
 :func:`load_model` restore variables for inference (``clipsep_jax.inference`` picks between them
 and reference checkpoints).
@@ -25,6 +33,7 @@ and reference checkpoints).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,6 +63,13 @@ __all__ = [
     "load_model",
     "TrainingCheckpoints",
     "load_workdir",
+    "WEIGHTS_FILE",
+    "is_pretrained_folder",
+    "looks_like_hub_id",
+    "save_pretrained",
+    "load_pretrained",
+    "push_to_hub",
+    "model_card",
 ]
 
 CONFIG_FILE = "config.json"
@@ -335,3 +351,200 @@ def _as_variables(restored: dict, workdir: Path, chosen: int) -> dict:
     else:
         variables = dict(restored)
     return variables
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained folders: the layout Hugging Face users expect (from_pretrained / save_pretrained)
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+ENCODER_DIR = "query_encoder"  # a query encoder that is not on the hub travels with the model
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_pretrained_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`save_pretrained`."""
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` that is not a local path: a Hugging Face model repository id."""
+    return bool(_HUB_ID.match(name)) and not Path(name).exists()
+
+
+def _flat_variables(variables: dict) -> dict[str, np.ndarray]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): np.ascontiguousarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(
+                jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32)
+                                       if np.asarray(x).dtype.kind == "f" else np.asarray(x),
+                                       variables))}
+
+
+def save_pretrained(folder: str | Path, config: ml_collections.ConfigDict, variables: dict, *,
+                    step: int | None = None, evaluation: str | None = None,
+                    dataset: dict | None = None) -> Path:
+    """Writes a pretrained folder: ``config.json``, the variables as ``model.safetensors`` (keys
+    ``params/unet/down_conv_0/kernel``, ...), the model card ``README.md`` (:func:`model_card`
+    with the training ``step``, the ``evaluation`` table and ``dataset`` facts, where known)
+    and, when the query encoder is a local folder or file rather than a hub
+    id, a copy of it in ``query_encoder/`` (the config then names it relatively). Written
+    under a temporary name and renamed; an existing folder is replaced only if it is a
+    pretrained folder itself."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder).absolute()
+    if folder.exists() and not is_pretrained_folder(folder):
+        raise FileExistsError(f"{folder}: exists and is not a pretrained folder; choose a new "
+                              "output folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        config = ml_collections.ConfigDict(config.to_dict())
+        encoder = config.query.encoder_model
+        if encoder and Path(encoder).exists():
+            source = Path(encoder).absolute()
+            target = staging / ENCODER_DIR
+            if source.is_dir():
+                shutil.copytree(source, target)
+            else:
+                target.mkdir()
+                shutil.copy2(source, target / source.name)
+                target = target / source.name
+            config.query.encoder_model = str(target.relative_to(staging))
+        write_config(staging, config)
+        save_file(_flat_variables(variables), str(staging / WEIGHTS_FILE),
+                  metadata={"format": "clipsep-jax", "model_kind": config.model.kind})
+        write_text_atomic(staging / CARD_FILE, model_card(config, step=step,
+                                                          evaluation=evaluation,
+                                                          dataset=dataset))
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_pretrained(name_or_path: str | Path, **hub_kwargs: Any
+                    ) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, variables) of a pretrained folder or Hugging Face hub id (downloaded into, or
+    with ``HF_HUB_OFFLINE=1`` read from, the Hugging Face cache; ``hub_kwargs`` such as
+    ``revision``, ``cache_dir``, ``token`` go to ``snapshot_download``). Every weight is
+    checked against the config's model: a missing, unexpected or mis-shaped one is refused by
+    name. A bundled query encoder is pointed at by an absolute path."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        if not looks_like_hub_id(str(name_or_path)):
+            raise CheckpointError(f"{name_or_path}: no such folder, and not a hub id "
+                                  "(owner/name)")
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(str(name_or_path), **hub_kwargs))
+        except Exception as e:  # offline and not cached, unknown repository, no network
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{name_or_path}: cannot get it from the Hugging Face hub "
+                                  f"or its cache ({first})") from e
+    if not is_pretrained_folder(folder):
+        raise CheckpointError(f"{folder}: not a pretrained folder (config.json + "
+                              f"{WEIGHTS_FILE})")
+    config = load_config(folder)
+    bundled = folder / config.query.encoder_model if config.query.encoder_model else None
+    if bundled is not None and not Path(config.query.encoder_model).is_absolute() \
+            and bundled.exists():
+        config.query.encoder_model = str(bundled.absolute())
+    return config, _read_weights(folder / WEIGHTS_FILE, config)
+
+
+def _read_weights(path: Path, config: ml_collections.ConfigDict) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        flat = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    expected = {"/".join(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in
+                jax.tree_util.tree_leaves_with_path(jax.eval_shape(
+                    lambda: get_family(config).init_variables(config, jax.random.PRNGKey(0))))}
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = [f"{k} {tuple(flat[k].shape)} (the config's model needs "
+             f"{tuple(expected[k].shape)})" for k in sorted(set(flat) & set(expected))
+             if tuple(flat[k].shape) != tuple(expected[k].shape)]
+    for problems, what in ((missing, "lacks"), (unexpected, "has unexpected weights"),
+                           (wrong, "has mis-shaped weights")):
+        if problems:
+            raise CheckpointError(f"{path} {what}: {', '.join(problems[:6])}"
+                                  f"{' ...' if len(problems) > 6 else ''}; is it of this "
+                                  "folder's config.json?")
+    variables: dict = {}
+    for key, value in flat.items():
+        node = variables
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value.astype(expected[key].dtype)
+    return variables
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False,
+                token: str | None = None, commit_message: str = "Upload clipsep-jax model"
+                ) -> str:
+    """Uploads a pretrained folder to the Hugging Face hub repository ``repo_id`` (created if
+    missing); returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    if not is_pretrained_folder(folder):
+        raise CheckpointError(f"{folder}: not a pretrained folder (config.json + "
+                              f"{WEIGHTS_FILE})")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                             commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))
+
+
+def model_card(config: ml_collections.ConfigDict, *, step: int | None = None,
+               evaluation: str | None = None, dataset: dict | None = None) -> str:
+    """The generated model card (README.md): what the model is, the query encoder it expects,
+    the data it saw, its evaluation table and its training config."""
+    family = get_family(config)
+    q, t, d = config.query, config.train, config.data
+    lines = [
+        "---", "library_name: clipsep-jax", "pipeline_tag: audio-to-audio",
+        "tags: [audio-source-separation, text-queried-separation, jax, flax, "
+        f"{config.model.kind}]", "---", "",
+        f"# {config.model.kind} ({family.describe_model(config)})", "",
+        "A text- or image-queried sound separation model trained with clipsep-jax (JAX/Flax; "
+        "CLIPSep: Dong et al., ICLR 2023).", "",
+        "## Use", "", "```python",
+        "from clipsep_jax.separate import Separator", "",
+        'separator = Separator.from_pretrained("THIS_REPO_OR_FOLDER")',
+        'outputs = separator.separate(waveform, sample_rate, ["a query"])', "```", "",
+        "or `python -m clipsep_jax.separate --checkpoint=THIS_REPO_OR_FOLDER --input=IN "
+        "--text=QUERY --output-dir=OUT`, or the web page `python -m clipsep_jax.app "
+        "--checkpoint=THIS_REPO_OR_FOLDER`.", "",
+        "## Query encoder", "",
+        f"`{q.encoder}` from `{q.encoder_model}`"
+        + (" (bundled in this folder)" if q.encoder_model.startswith(ENCODER_DIR) else
+           " (Hugging Face hub id; loaded on first use)")
+        + f"; query mode in training: {q.mode}; text template: `{q.text_template}`.", "",
+        "## Training data", "",
+        f"Dataset `{d.name}`" + (f" (splits train={d.train_split}, val={d.val_split}, "
+                                 f"test={d.test_split})" if d.name else "") + ".",
+    ]
+    if dataset:
+        for key, value in dataset.items():
+            lines.append(f"- {key}: {value}")
+    lines += ["", "## Training", "",
+              f"{'Trained for ' + str(step) + ' steps' if step is not None else 'Steps: unknown'}"
+              f" of batch {t.batch_size}, peak learning rate {t.learning_rate} "
+              f"({t.lr_schedule}), seed {t.seed}.", ""]
+    if evaluation:
+        lines += ["## Evaluation", "", evaluation.strip(), ""]
+    lines += ["## Config", "", "<details><summary>config.json</summary>", "", "```json",
+              config.to_json_best_effort(indent=2, sort_keys=True), "```", "", "</details>", ""]
+    return "\n".join(lines)

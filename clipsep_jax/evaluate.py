@@ -1,7 +1,8 @@
 r"""Evaluation tables of a trained model on its test set, for every model family.
 
     python -m clipsep_jax.evaluate --workdir=runs/nit [--config=configs/music_clipsep_nit.py]
-        [--checkpoint=best|latest|STEP|MODEL_DIR|reference.pt --model_kind=clipsep_nit]
+        [--checkpoint=best|latest|STEP|PRETRAINED_FOLDER|HUB_ID|MODEL_DIR|reference.pt
+         --model_kind=clipsep_nit]
         [--config.eval.num_sources=3 --config.eval.query_modes=text ...]
 
 The model's family builds the test set and scores it (CLIPSep's:
@@ -91,7 +92,8 @@ def _define_flags() -> dict:
             "workdir", None, "Training workdir; results go to WORKDIR/evaluation/.")
         _FLAGS["checkpoint"] = flags.DEFINE_string(
             "checkpoint", "best", "best | latest | a step of the workdir's checkpoints, or a "
-            "model directory, or a reference checkpoint (with --model_kind).")
+            "pretrained folder or hub id, a model directory, or a reference checkpoint (with "
+            "--model_kind).")
         _FLAGS["model_kind"] = flags.DEFINE_string(
             "model_kind", None, "Kind of a reference checkpoint.")
         _FLAGS["distributed"] = flags.DEFINE_enum(

@@ -11,11 +11,14 @@ from PIL import Image
 __all__ = ["spectrogram_picture", "save_png"]
 
 
-def spectrogram_picture(values: np.ndarray) -> np.ndarray:
+def spectrogram_picture(values: np.ndarray,
+                        value_range: tuple[float, float] | None = None) -> np.ndarray:
     """[F, T] non-negative values -> uint8 RGB picture [F, T, 3], low frequencies at the
-    bottom, scaled to its own range (a blue-to-yellow map)."""
+    bottom, scaled to ``value_range`` (default: its own range; masks: (0, 1)) on a
+    blue-to-yellow map."""
     v = np.asarray(values, np.float32)[::-1]
-    v = (v - v.min()) / max(float(v.max() - v.min()), 1e-12)
+    low, high = value_range if value_range else (float(v.min()), float(v.max()))
+    v = np.clip((v - low) / max(high - low, 1e-12), 0.0, 1.0)
     rgb = np.stack([v, v**0.5 * 0.9, 0.6 * (1 - v)], axis=-1)
     return (rgb * 255).astype(np.uint8)
 

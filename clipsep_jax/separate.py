@@ -5,7 +5,8 @@ r"""Separate recordings with text or image queries.
 
 writes ``out/<input stem>/<query>.wav`` for each query and ``out/<input stem>/residual.wav`` (what
 no query took), at the input's sample rate, length and channel count. ``--input`` may be a folder
-(every audio or video file in it). ``--checkpoint`` is a model directory
+(every audio or video file in it). ``--checkpoint`` is a pretrained folder or Hugging Face hub id
+(``Separator.save_pretrained``, ``python -m clipsep_jax.export``), a model directory
 (``clipsep_jax.checkpoints.save_model`` / ``clipsep_jax.convert``) or a reference PyTorch
 checkpoint (with ``--model_kind``); ``--workdir`` takes the latest checkpoint of a training run.
 
@@ -206,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clipsep_jax.separate", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="model directory or reference .pt file")
+    source.add_argument("--checkpoint", help="pretrained folder or hub id (owner/name), model "
+                        "directory, or reference .pt file")
     source.add_argument("--workdir", help="training workdir: its latest checkpoint")
     parser.add_argument("--model_kind",
                         help="kind of a reference .pt (clipsep, clipsep_nit, sop, bertsep)")

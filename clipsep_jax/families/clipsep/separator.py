@@ -8,8 +8,11 @@ rate is resampled to 16 kHz and back; stereo is separated per channel or downmix
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clipsep_jax import audio, inference
+from clipsep_jax import audio, checkpoints, inference
 from clipsep_jax.encoders import load_query_encoder
 from clipsep_jax.encoders.clip import text_prompt
 from clipsep_jax.families.clipsep.model import forward
@@ -28,9 +31,25 @@ from clipsep_jax.separation import (
     with_residual,
 )
 
-__all__ = ["Separator", "SeparationError", "QUERY_KINDS"]
+__all__ = ["Separator", "Separation", "SeparationError", "QUERY_KINDS"]
 
 QUERY_KINDS = ("clipsep", "clipsep_nit", "sop", "bertsep")
+
+
+@dataclasses.dataclass
+class Separation:
+    """What :meth:`Separator.separate_detailed` gives: the outputs, and what to draw.
+
+    outputs: one estimate per query in the queries' order, then the residual, each like the
+        input (rate, length, channels).
+    masks: [N, F', T] mask probabilities of the first channel (or the downmix), on the model's
+        frequency axis (log frequency, F' = ``audio.num_log_freq_bins``) at 16 kHz frames.
+    mixture: [F', T] that channel's magnitude on the same axes.
+    """
+
+    outputs: list[np.ndarray]
+    masks: np.ndarray
+    mixture: np.ndarray
 
 
 class Separator:
@@ -80,6 +99,36 @@ class Separator:
             raise SeparationError(str(e)) from e
         return cls(config, variables, clip, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, clip: Any = None,
+                        hub_kwargs: dict | None = None, **kwargs) -> Separator:
+        """A pretrained folder (:meth:`save_pretrained`) or a Hugging Face hub id (downloaded
+        into the cache, or read from it with ``HF_HUB_OFFLINE=1``; ``hub_kwargs`` such as
+        ``revision``, ``cache_dir``, ``token`` go to ``huggingface_hub.snapshot_download``)."""
+        try:
+            config, variables = checkpoints.load_pretrained(name_or_path, **(hub_kwargs or {}))
+        except (ValueError, OSError) as e:  # the message names the file and the problem
+            raise SeparationError(str(e)) from e
+        return cls(config, variables, clip, **kwargs)
+
+    def save_pretrained(self, folder: str | Path, **card: Any) -> Path:
+        """Writes this model as a pretrained folder (``checkpoints.save_pretrained``: config,
+        safetensors weights, model card; the query encoder bundled unless it is a hub id).
+        ``card``: ``step``, ``evaluation`` (a markdown table), ``dataset`` (facts) for the card."""
+        config = self.config
+        if isinstance(self._clip, str):  # an encoder given in place of the config's
+            config = ml_collections.ConfigDict(config.to_dict())
+            config.query.encoder_model = self._clip
+        return checkpoints.save_pretrained(folder, config, self.variables, **card)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    **card: Any) -> str:
+        """Uploads this model as a pretrained folder to the hub repository ``repo_id`` (created
+        if missing); returns the commit URL."""
+        with tempfile.TemporaryDirectory(prefix="clipsep-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", **card)
+            return checkpoints.push_to_hub(folder, repo_id, private=private, token=token)
+
     @property
     def clip(self):
         """The query encoder (``config.query.encoder``), loaded on first use."""
@@ -127,9 +176,11 @@ class Separator:
                 f"{self.config.model.query_dim}")
         return embeddings
 
-    def masks(self, mix_stft: np.ndarray, embeddings: np.ndarray, one_pass: bool = False):
+    def masks(self, mix_stft: np.ndarray, embeddings: np.ndarray, one_pass: bool = False,
+              progress: Callable[[float], None] | None = None):
         """Mixture STFT [513, T] -> mask probabilities [N, F', T] on the model's frequency axis,
-        from overlapping windows (or one pass over the whole padded recording)."""
+        from overlapping windows (or one pass over the whole padded recording); ``progress``
+        is called with the fraction of windows done."""
         frames = mix_stft.shape[1]
         magnitude = np.abs(mix_stft).astype(np.float32)
         multiple = 2**self.config.model.num_downs
@@ -171,6 +222,8 @@ class Separator:
             for s, p in zip(chunk, probs, strict=True):
                 total[:, :, s : s + window] += p * ramp
                 weight[s : s + window] += ramp
+            if progress is not None:
+                progress(min(1.0, (i + len(chunk)) / len(starts)))
         return total[:, :, :frames] / weight[:frames]
 
     def separate_mono(self, waveform: np.ndarray, embeddings: np.ndarray,
@@ -179,28 +232,50 @@ class Separator:
         the union of the queries' masks applied to it, so with one query the two add up to the
         recording. A recording shorter than one STFT window (``n_fft`` samples) or silent comes
         back as silent estimates and itself as the residual."""
+        estimates, residual, _, _ = self._separate_lane(waveform, embeddings, one_pass, None)
+        return estimates, residual
+
+    def _separate_lane(self, waveform, embeddings, one_pass, progress):
+        """:meth:`separate_mono`, plus the mask probabilities [N, F', T] and the mixture's
+        magnitude [F', T] on the model's frequency axis."""
         a = self.config.audio
         length = len(waveform)
         waveform = waveform.astype(np.float32)
-        if length < a.n_fft or not np.any(waveform):
-            return np.zeros((len(embeddings), length), np.float32), waveform.copy()
-        padded = np.pad(waveform.astype(np.float32), (0, max(0, a.n_fft - length)))
+        padded = np.pad(waveform, (0, max(0, a.n_fft - length)))
         mix_stft = audio.stft_numpy(padded, n_fft=a.n_fft, hop_length=a.hop_length,
                                     win_length=a.win_length)
-        probabilities = self.masks(mix_stft, embeddings, one_pass)
+        magnitude = np.abs(mix_stft).astype(np.float32)
+        if a.log_freq:
+            magnitude = np.asarray(audio.warp_to_log_frequency(magnitude, a.num_log_freq_bins))
+        if length < a.n_fft or not np.any(waveform):
+            silent = np.zeros((len(embeddings), length), np.float32)
+            return silent, waveform.copy(), np.zeros((len(embeddings), *magnitude.shape),
+                                                     np.float32), magnitude
+        probabilities = self.masks(mix_stft, embeddings, one_pass, progress)
         waves = np.asarray(self._reconstruct(jnp.asarray(probabilities), jnp.asarray(mix_stft),
                                              len(padded)))[:, :length]
-        return waves[:-1], waveform - waves[-1]
+        return waves[:-1], waveform - waves[-1], probabilities, magnitude
 
     def separate_in_order(self, waveform: np.ndarray, sample_rate: int,
                           queries: Sequence[str | np.ndarray], *, channels: str = "each",
-                          one_pass: bool = False) -> list[np.ndarray]:
+                          one_pass: bool = False,
+                          progress: Callable[[float], None] | None = None) -> list[np.ndarray]:
         """A recording [samples] or [samples, channels] at any rate -> one estimate per query,
         in the queries' order, then the residual: the input minus what the queries took (their
         masks' union), at the input's rate, so that with one query the two add up to the input
         and content the 16 kHz model cannot see stays in the residual. Each output is like the
         input (rate, length, channels). ``channels``: "each" (per channel) or "downmix" (the
-        mean separated and written to every channel; the residual is then the mean's)."""
+        mean separated and written to every channel; the residual is then the mean's).
+        ``progress`` is called with the fraction done."""
+        return self.separate_detailed(waveform, sample_rate, queries, channels=channels,
+                                      one_pass=one_pass, progress=progress).outputs
+
+    def separate_detailed(self, waveform: np.ndarray, sample_rate: int,
+                          queries: Sequence[str | np.ndarray], *, channels: str = "each",
+                          one_pass: bool = False,
+                          progress: Callable[[float], None] | None = None) -> Separation:
+        """:meth:`separate_in_order`'s outputs with the first channel's masks and mixture
+        spectrogram (:class:`Separation`), for pictures."""
         waveform = np.asarray(waveform, np.float32)
         mono_input = waveform.ndim == 1
         data = waveform[:, None] if mono_input else waveform
@@ -214,22 +289,30 @@ class Separator:
         embeddings = self.embed_queries(queries)
         rate = self.config.audio.sample_rate
         lanes = [data.mean(axis=1)] if channels == "downmix" else list(data.T)
-        per_lane = []
-        for lane in lanes:
+        per_lane, first = [], None
+        for index, lane in enumerate(lanes):
             at_rate = audio.resample(lane, sample_rate, rate)
-            estimates, residual = self.separate_mono(at_rate, embeddings, one_pass)
+            lane_progress = None
+            if progress is not None:
+                lane_progress = functools.partial(_scaled, progress, index, len(lanes))
+            estimates, residual, masks, mixture = self._separate_lane(
+                at_rate, embeddings, one_pass, lane_progress)
+            if first is None:
+                first = (masks, mixture)
             back = [_fit(audio.resample(x, rate, sample_rate), len(data)) for x in estimates]
             # The residual at the input's rate is the input minus what the queries took: what
             # the model cannot see (above rate / 2) stays in it, and nothing of the input is lost.
             union = _fit(audio.resample(at_rate - residual, rate, sample_rate), len(data))
             per_lane.append([*back, lane - union])
+            if progress is not None:
+                progress((index + 1) / len(lanes))
         outputs = []
         for index in range(len(queries) + 1):
             stacked = np.stack([lane[index] for lane in per_lane], axis=1)
             if channels == "downmix" and not mono_input:
                 stacked = np.repeat(stacked, data.shape[1], axis=1)
             outputs.append(stacked[:, 0] if mono_input else stacked)
-        return outputs
+        return Separation(outputs, *first)
 
     def separate(self, waveform: np.ndarray, sample_rate: int,
                  queries: Sequence[str | np.ndarray], *, channels: str = "each",
@@ -246,6 +329,11 @@ class Separator:
         outputs = self.separate_in_order(waveform, sample_rate, queries, channels=channels,
                                          one_pass=one_pass)
         return dict(zip([*names, "residual"], outputs, strict=True))
+
+
+def _scaled(progress: Callable[[float], None], index: int, count: int, fraction: float) -> None:
+    """Lane ``index`` of ``count`` at ``fraction`` -> the whole job's fraction."""
+    progress((index + fraction) / count)
 
 
 def _fit(x: np.ndarray, length: int) -> np.ndarray:
