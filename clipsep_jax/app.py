@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -37,6 +38,8 @@ from clipsep_jax.separation import SeparationError
 __all__ = ["MAX_QUERIES", "SeparationPage", "build_app", "main"]
 
 MAX_QUERIES = 8  # output slots on the page
+KEEP_SEPARATIONS = 32  # request folders kept on disk (older ones are removed)
+MAX_UPLOAD = "500mb"
 _PICTURE_WIDTH = 1200  # pixels; longer spectrograms are shrunk in time for the page
 
 
@@ -95,6 +98,7 @@ class SeparationPage:
         result = self.separator.separate_detailed(waveform, rate, queries, channels=channels,
                                                   progress=progress)
         seconds = time.perf_counter() - start
+        self._forget_old_separations()
         folder = Path(tempfile.mkdtemp(prefix="separation-", dir=self.output_root))
         stems = output_names(names)  # the queries' file stems, then "residual"
         files = []
@@ -111,6 +115,13 @@ class SeparationPage:
                              f"mask: {name}"))
         return {"names": names, "files": files, "pictures": pictures, "seconds": seconds,
                 "duration": len(waveform) / rate}
+
+    def _forget_old_separations(self) -> None:
+        """Keeps the newest ``KEEP_SEPARATIONS`` request folders of this page (a server that
+        runs for days does not fill its disk); nothing else in ``output_root`` is touched."""
+        folders = sorted(self.output_root.glob("separation-*"), key=lambda p: p.stat().st_mtime)
+        for old in folders[:max(0, len(folders) - KEEP_SEPARATIONS + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
     def _picture(path: Path, picture: np.ndarray) -> str:
@@ -213,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"serving {path} on http://{args.host}:{args.port}", flush=True)
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, show_error=True, share=False,
-        allowed_paths=[str(output_root)])
+        allowed_paths=[str(output_root)], max_file_size=MAX_UPLOAD)
     return 0
 
 

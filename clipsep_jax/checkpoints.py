@@ -33,6 +33,7 @@ and reference checkpoints).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -369,8 +370,10 @@ def is_pretrained_folder(path: str | Path) -> bool:
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """``owner/name`` that is not a local path: a Hugging Face model repository id."""
-    return bool(_HUB_ID.match(name)) and not Path(name).exists()
+    """``owner/name`` that is not a local path: a Hugging Face model repository id. A name
+    whose first part is a local folder (``runs/dem``, a typo of ``runs/demo``) is a path."""
+    return (bool(_HUB_ID.match(name)) and not Path(name).exists()
+            and not Path(name).parent.is_dir())
 
 
 def _flat_variables(variables: dict) -> dict[str, np.ndarray]:
@@ -383,20 +386,24 @@ def _flat_variables(variables: dict) -> dict[str, np.ndarray]:
 
 def save_pretrained(folder: str | Path, config: ml_collections.ConfigDict, variables: dict, *,
                     step: int | None = None, evaluation: str | None = None,
-                    dataset: dict | None = None) -> Path:
+                    dataset: dict | None = None, overwrite: bool = False) -> Path:
     """Writes a pretrained folder: ``config.json``, the variables as ``model.safetensors`` (keys
     ``params/unet/down_conv_0/kernel``, ...), the model card ``README.md`` (:func:`model_card`
     with the training ``step``, the ``evaluation`` table and ``dataset`` facts, where known)
-    and, when the query encoder is a local folder or file rather than a hub
-    id, a copy of it in ``query_encoder/`` (the config then names it relatively). Written
-    under a temporary name and renamed; an existing folder is replaced only if it is a
-    pretrained folder itself."""
+    and, when the query encoder is a local folder or file rather than a hub id, a copy of it in
+    ``query_encoder/`` (the config then names it relatively).
+
+    Everything is written into a temporary folder first. An existing ``folder`` is refused
+    unless ``overwrite``; then only these items are replaced (each new one renamed in before
+    the old one is removed) and everything else in it (a git clone's files, say) is kept."""
     from safetensors.numpy import save_file
 
     folder = Path(folder).absolute()
-    if folder.exists() and not is_pretrained_folder(folder):
-        raise FileExistsError(f"{folder}: exists and is not a pretrained folder; choose a new "
-                              "output folder")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder}: is a file, not a folder")
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder}: already exists; choose a new output folder, or "
+                              "overwrite (--overwrite) to replace the model files in it")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
@@ -418,9 +425,21 @@ def save_pretrained(folder: str | Path, config: ml_collections.ConfigDict, varia
         write_text_atomic(staging / CARD_FILE, model_card(config, step=step,
                                                           evaluation=evaluation,
                                                           dataset=dataset))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        if not folder.exists():
+            staging.rename(folder)
+            return folder
+        stale = folder / ENCODER_DIR  # an earlier model's bundled encoder, if this has none
+        if stale.exists() and not (staging / ENCODER_DIR).exists():
+            shutil.rmtree(stale)
+        for item in sorted(staging.iterdir()):
+            target = folder / item.name
+            old = folder / f".{item.name}.old-{os.getpid()}" if target.exists() else None
+            if old is not None:
+                target.rename(old)
+            item.rename(target)
+            if old is not None:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        staging.rmdir()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -451,9 +470,11 @@ def load_pretrained(name_or_path: str | Path, **hub_kwargs: Any
         raise CheckpointError(f"{folder}: not a pretrained folder (config.json + "
                               f"{WEIGHTS_FILE})")
     config = load_config(folder)
-    bundled = folder / config.query.encoder_model if config.query.encoder_model else None
-    if bundled is not None and not Path(config.query.encoder_model).is_absolute() \
-            and bundled.exists():
+    encoder = config.query.encoder_model
+    if encoder.split("/")[0] == ENCODER_DIR:  # bundled with the model
+        bundled = folder / encoder
+        if not bundled.exists():
+            raise CheckpointError(f"{bundled}: the bundled query encoder is missing")
         config.query.encoder_model = str(bundled.absolute())
     return config, _read_weights(folder / WEIGHTS_FILE, config)
 
@@ -530,7 +551,8 @@ def model_card(config: ml_collections.ConfigDict, *, step: int | None = None,
         "## Query encoder", "",
         f"`{q.encoder}` from `{q.encoder_model}`"
         + (" (bundled in this folder)" if q.encoder_model.startswith(ENCODER_DIR) else
-           " (Hugging Face hub id; loaded on first use)")
+           " (Hugging Face hub id; loaded on first use)" if looks_like_hub_id(q.encoder_model)
+           else " (loaded on first use)")
         + f"; query mode in training: {q.mode}; text template: `{q.text_template}`.", "",
         "## Training data", "",
         f"Dataset `{d.name}`" + (f" (splits train={d.train_split}, val={d.val_split}, "

@@ -51,15 +51,17 @@ def _evaluation_table(workdir: Path, step: int) -> str | None:
     return tables[-1].read_text() if tables else None
 
 
-def export(workdir: str | Path, output: str | Path, checkpoint: str = "best") -> Path:
+def export(workdir: str | Path, output: str | Path, checkpoint: str = "best",
+           overwrite: bool = False) -> Path:
     """Writes the pretrained folder of ``workdir``'s checkpoint (``best``, ``latest`` or a
-    step) into ``output``; returns its path."""
+    step) into ``output`` (an existing one only with ``overwrite``: its model files are
+    replaced, other files kept); returns its path."""
     workdir = Path(workdir)
     step_arg: int | str = int(checkpoint) if checkpoint.isdigit() else checkpoint
     config, variables, step = checkpoints.load_workdir(workdir, step_arg)
     return checkpoints.save_pretrained(output, config, variables, step=step,
                                        evaluation=_evaluation_table(workdir, step),
-                                       dataset=_dataset_facts(config))
+                                       dataset=_dataset_facts(config), overwrite=overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,12 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="the training run")
     parser.add_argument("--checkpoint", default="best", help="best | latest | a step")
     parser.add_argument("--output", required=True, help="the pretrained folder to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model files of an existing output folder (its other "
+                        "files, e.g. a git clone's, are kept)")
     parser.add_argument("--push_to_hub", metavar="REPO_ID",
                         help="also upload the folder to this Hugging Face repository")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     args = parser.parse_args(argv)
     try:
-        folder = export(args.workdir, args.output, args.checkpoint)
+        folder = export(args.workdir, args.output, args.checkpoint, args.overwrite)
         print(f"written: {folder}", flush=True)
         if args.push_to_hub:
             url = checkpoints.push_to_hub(folder, args.push_to_hub, private=args.private)

@@ -42,8 +42,10 @@ def load_for_inference(
     if (p / checkpoints.CHECKPOINTS_DIR).is_dir() and (p / checkpoints.CONFIG_FILE).is_file():
         config, variables, _ = checkpoints.load_workdir(p, step)
         return config, variables
-    if not p.exists() and checkpoints.looks_like_hub_id(str(path)):
-        return checkpoints.load_pretrained(str(path))
+    if not p.exists():
+        if checkpoints.looks_like_hub_id(str(path)):
+            return checkpoints.load_pretrained(str(path))
+        raise CheckpointError(f"{path}: no such file or folder (nor a hub id owner/name)")
     raise CheckpointError(
         f"{path}: not a pretrained folder (config.json + model.safetensors), a model directory "
         "(config.json + variables/), a training workdir (config.json + checkpoints/), a "

@@ -341,10 +341,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     mesh = sharding.make_mesh(config)
     t = config.train
     rows = family.rows_per_step(config)
-    if t.batch_size % mesh.devices.size or rows % mesh.devices.size:
-        extra = f" (with the rows it drops, {rows})" if rows != t.batch_size else ""
-        raise UserError(f"config.train.batch_size={t.batch_size}{extra} is not divisible by "
-                        f"the {mesh.devices.size} devices")
+    if t.batch_size % mesh.devices.size:
+        raise UserError(f"config.train.batch_size={t.batch_size} is not divisible by the "
+                        f"{mesh.devices.size} devices")
+    if rows % mesh.devices.size:
+        raise UserError(f"the family draws {rows} rows per step (config.train.batch_size="
+                        f"{t.batch_size} plus the rows its loss drops, e.g. "
+                        f"config.clipsep.drop_closest), not divisible by the "
+                        f"{mesh.devices.size} devices")
 
     train_source, metadata = input_pipeline.open_split(config.data, config.data.train_split)
     val_source, _ = input_pipeline.open_split(config.data, config.data.val_split)

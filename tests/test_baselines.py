@@ -112,6 +112,24 @@ def test_bert_matches_transformers(safe_serialization, tmp_path):
         bert.encode_image(random_images(1, 8))
 
 
+def test_bert_without_a_pooler_loads_for_mean_and_cls_pooling(tmp_path):
+    import transformers
+
+    model, tokenizer = save_tiny_bert(tmp_path / "with")
+    bare = transformers.BertModel(model.config, add_pooling_layer=False).eval()
+    bare.load_state_dict(model.state_dict(), strict=False)
+    bare.save_pretrained(tmp_path / "bare")
+    tokenizer.save_pretrained(tmp_path / "bare")
+    texts = ["tuba", "acoustic guitar"]
+    for pooling in ("mean", "cls"):
+        np.testing.assert_allclose(
+            BERT.from_pretrained(str(tmp_path / "bare"), pooling=pooling).encode_text(texts),
+            BERT.from_pretrained(str(tmp_path / "with"), pooling=pooling).encode_text(texts),
+            atol=1e-6)
+    with pytest.raises(ValueError, match=r"missing.*pooler"):
+        BERT.from_pretrained(str(tmp_path / "bare"), pooling="pooler")
+
+
 def test_bert_refuses_other_checkpoints(tmp_path, tiny_clip_folder):
     with pytest.raises(ValueError, match="not a BERT checkpoint"):
         BERT.from_pretrained(tiny_clip_folder)
@@ -218,6 +236,31 @@ def test_drop_closest_against_brute_force(num_sources):
     expected_weights = [1.0 if s <= 0.5 else max(0.0, 1 - 2 * (s - 0.5)) for s in expected]
     np.testing.assert_allclose(weights, expected_weights, atol=1e-6)
     assert weights[3] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_drop_closest_stays_on_each_device():
+    """With one group per device, the kept rows stay split over the devices as the batch was,
+    and each device keeps the least alike of its own rows."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    rng = np.random.default_rng(2)
+    queries = rng.normal(size=(24, 2, 8)).astype(np.float32)  # 3 rows per device, 2 kept
+    spectra = rng.normal(size=(24, 5, 4)).astype(np.float32)
+    similarity = losses.query_similarity(jnp.asarray(queries))
+
+    @jax.jit
+    def select(spectra, similarity):
+        return losses.drop_closest_rows((spectra,), similarity, 16, True, groups=8)[0]
+
+    kept = select(jax.device_put(spectra, rows), jax.device_put(similarity, rows))
+    assert kept.shape == (16, 5, 4)
+    assert {s.data.shape for s in kept.addressable_shards} == {(2, 5, 4)}
+    expected = np.concatenate([
+        spectra[3 * g:3 * g + 3][np.argsort(np.asarray(similarity)[3 * g:3 * g + 3])[:2]]
+        for g in range(8)])
+    np.testing.assert_array_equal(np.asarray(kept), expected)
 
 
 def test_drop_closest_in_the_training_loss():

@@ -27,7 +27,7 @@ def mixture():
 
 @pytest.fixture(scope="module")
 def exported(trained_workdir, tmp_path_factory):
-    """The trained run packaged by the export command (its evaluation table in the card)."""
+    """The trained run packaged by the export command."""
     folder = tmp_path_factory.mktemp("exported") / "tiny-clipsep"
     result = subprocess.run(
         [sys.executable, "-m", "clipsep_jax.export", f"--workdir={trained_workdir}",
@@ -141,3 +141,27 @@ def test_push_to_hub_uploads_the_folder(exported, monkeypatch):
     assert calls == [("token", "t"), ("create", "someone/tiny", True, True, "model"),
                      ("upload", "someone/tiny", ["README.md", "config.json", "model.safetensors",
                                                  "query_encoder"])]
+
+
+def test_an_existing_folder_is_kept_unless_overwritten(exported, tmp_path):
+    config, variables = checkpoints.load_pretrained(exported)
+    clone = tmp_path / "clone"  # say, a git clone of the model's hub repository
+    clone.mkdir()
+    (clone / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (clone / "README.md").write_text("my own card")
+    with pytest.raises(FileExistsError, match="already exists"):
+        checkpoints.save_pretrained(clone, config, variables)
+    assert (clone / "README.md").read_text() == "my own card"
+    checkpoints.save_pretrained(clone, config, variables, overwrite=True)
+    assert (clone / ".gitattributes").read_text() == "*.safetensors filter=lfs\n"
+    assert "library_name: clipsep-jax" in (clone / "README.md").read_text()
+    assert sorted(p.name for p in clone.iterdir()) == [
+        ".gitattributes", "README.md", "config.json", "model.safetensors", "query_encoder"]
+    with pytest.raises(SeparationError, match="runs/dem: no such file or folder"):
+        os.makedirs(tmp_path / "runs", exist_ok=True)
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            Separator.from_checkpoint("runs/dem")  # a typo of a local path, not a hub id
+        finally:
+            os.chdir(cwd)

@@ -193,9 +193,11 @@ def _flax_path(key: str) -> tuple[tuple[str, ...], str] | None:
 
 
 def params_from_state_dict(state: Mapping[str, np.ndarray], config: BertConfig,
-                           dtype: Any = jnp.float32) -> dict:
+                           dtype: Any = jnp.float32, need_pooler: bool = True) -> dict:
     """transformers ``BertModel`` tensors -> Flax parameters of :class:`BertModel` in
-    ``dtype``; missing, unexpected and mis-shaped entries refused by name."""
+    ``dtype``; missing, unexpected and mis-shaped entries refused by name. A checkpoint saved
+    without a pooler (``add_pooling_layer=False``) loads when ``need_pooler`` is False: its
+    pooler is zeros (the ``pooler`` pooling then cannot be used)."""
     expected = traverse_util.flatten_dict(jax.eval_shape(lambda: BertModel(config).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))
     )["params"])
@@ -217,6 +219,10 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], config: BertConfig,
             wrong_shape.append(f"{key}: {value.shape} vs {expected[path].shape}")
         else:
             params[path] = jnp.asarray(value, dtype)
+    if not need_pooler and not any(p[0] == "pooler" for p in params):
+        for path, leaf in expected.items():
+            if path[0] == "pooler":
+                params[path] = jnp.zeros(leaf.shape, dtype)
     check_params(params, expected, "BERT", unexpected, wrong_shape)
     return traverse_util.unflatten_dict(params)
 
@@ -271,7 +277,7 @@ class BERT:
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         try:
             params = params_from_state_dict(read_weights(name_or_path, **hub_kwargs), config,
-                                            dtype)
+                                            dtype, need_pooler=pooling == "pooler")
         except ValueError as e:
             raise UserError(f"{name_or_path}: {e}") from e
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)

@@ -125,8 +125,11 @@ class CLIPSepFamily(Family):
         # start; before that step the first batch_size are kept); -1 (soft) weighs each
         # mixture's loss by relu(1 - 2 relu(similarity - 0.5)). Similarity: the largest cosine
         # between two of the mixture's query embeddings. 0: off (the reference's default).
+        # With several devices each drops d / devices of its own rows (batch_size and d must
+        # then divide by the device count); NIT and BERTSep take it too (the reference's
+        # refuse it).
         c.drop_closest = 0
-        c.drop_closest_steps = 10_000
+        c.drop_closest_steps = 10_000  # counted from 0: step k trains after k updates
         return c
 
     def kind_defaults(self, config: ml_collections.ConfigDict) -> None:
@@ -203,10 +206,15 @@ class CLIPSepFamily(Family):
             active = step >= config.clipsep.drop_closest_steps
             similarity = losses.query_similarity(queries)
             if d > 0:
-                keep = losses.rows_to_keep(similarity, config.train.batch_size, active)
-                mag_mix, mags, queries = (jnp.take(x, keep, axis=0)
-                                          for x in (mag_mix, mags, queries))
-                metrics["kept_similarity"] = jnp.mean(jnp.take(similarity, keep))
+                # One group per device: each device drops its share of the closest pairs among
+                # its own rows (on one device: the reference's selection over the batch).
+                groups = jax.device_count()
+                b = config.train.batch_size
+                if b % groups or d % groups:
+                    groups = 1
+                mag_mix, mags, queries, kept = losses.drop_closest_rows(
+                    (mag_mix, mags, queries, similarity), similarity, b, active, groups)
+                metrics["kept_similarity"] = jnp.mean(kept)
             else:
                 example_weight = jnp.where(active, losses.soft_drop_weight(similarity), 1.0)
                 metrics["mean_example_weight"] = jnp.mean(example_weight)

@@ -234,6 +234,30 @@ def rows_to_keep(similarity: jax.Array, num_keep: int, active: jax.Array | bool)
     return jnp.where(active, order, jnp.arange(num_keep)).astype(jnp.int32)
 
 
+def drop_closest_rows(arrays: tuple[jax.Array, ...], similarity: jax.Array, num_keep: int,
+                      active: jax.Array | bool, groups: int = 1) -> tuple[jax.Array, ...]:
+    """Hard drop_closest over ``groups`` equal blocks of the batch: each block of
+    ``(B + d) / groups`` rows keeps its ``num_keep / groups`` least alike (:func:`rows_to_keep`).
+
+    With the batch split over the devices in contiguous blocks, one group per device makes the
+    selection local (no device sees another's rows, and the kept batch stays split as before);
+    ``groups=1`` is the reference's selection over the whole batch. Arrays [B + d, ...] ->
+    [num_keep, ...]."""
+    rows = similarity.shape[0]
+    if rows % groups or num_keep % groups:
+        raise ValueError(f"{rows} rows and {num_keep} kept rows do not split into {groups} "
+                         "groups")
+    keep = jax.vmap(rows_to_keep, in_axes=(0, None, None))(
+        similarity.reshape(groups, rows // groups), num_keep // groups, active)
+    out = []
+    for x in arrays:
+        blocks = x.reshape(groups, rows // groups, *x.shape[1:])
+        index = keep.reshape(groups, num_keep // groups, *([1] * (x.ndim - 1)))
+        kept = jnp.take_along_axis(blocks, index, axis=1)
+        out.append(kept.reshape(num_keep, *x.shape[1:]))
+    return tuple(out)
+
+
 def soft_drop_weight(similarity: jax.Array) -> jax.Array:
     """Soft drop_closest (the reference's ``drop_closest=-1``): each example's loss weight,
     1 up to similarity 0.5, falling linearly to 0 at similarity 1: relu(1 - 2 relu(s - 0.5)).
