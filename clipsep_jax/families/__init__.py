@@ -19,7 +19,8 @@ from clipsep_jax.families.base import Family
 __all__ = ["FAMILY_MODULES", "KINDS", "Family", "family_of_kind", "get_family", "all_kinds"]
 
 # family name -> module exposing FAMILY
-FAMILY_MODULES = {"clipsep": "clipsep_jax.families.clipsep"}
+FAMILY_MODULES = {"clipsep": "clipsep_jax.families.clipsep",
+                  "clipsonic": "clipsep_jax.families.clipsonic"}
 # model kind -> family name
 KINDS = {
     "clipsep": "clipsep",
@@ -28,6 +29,7 @@ KINDS = {
     "labelsep": "clipsep",
     "sop": "clipsep",
     "bertsep": "clipsep",
+    "clipsonic": "clipsonic",
 }
 
 

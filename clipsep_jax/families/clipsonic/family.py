@@ -1,0 +1,238 @@
+"""The CLIPSonic family behind the family interface: a diffusion model of log-mel spectrograms
+conditioned on CLIP embeddings, trained on the clips ``data_prep`` stores.
+
+Training examples: a random crop of ``config.audio.crop_samples`` of a clip's waveform and, as
+the condition, the CLIP image embedding of the frames at the crop's centre (the mean of
+``query.num_frames`` frames, ``query.mode=image``: CLIPSonic-IQ/ZS) or the clip's label-prompt
+text embedding (``query.mode=text``: CLIPSonic-SD). The log-mel is computed on the device in the
+loss (:mod:`.mel`). Validation and evaluation score the denoising loss at fixed times and noise
+per example (deterministic), overall and per quarter of the time range.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clipsep_jax import audio, sharding
+from clipsep_jax.errors import UserError
+from clipsep_jax.families.base import Family, check_choices
+from clipsep_jax.families.clipsonic import diffusion, mel
+from clipsep_jax.families.clipsonic.losses import diffusion_loss
+from clipsep_jax.families.clipsonic.networks import Denoiser
+from clipsep_jax.input_pipeline import open_split, sharded_batches
+
+__all__ = ["CLIPSonicFamily", "mel_settings", "build_model"]
+
+CHOICES = {"model.compute_dtype": ("float32", "bfloat16"), "model.spatial_dims": (1, 2),
+           "query.mode": ("image", "text")}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def mel_settings(config: ml_collections.ConfigDict) -> mel.MelSettings:
+    a, m = config.audio, config.clipsonic.mel
+    return mel.MelSettings(sample_rate=a.sample_rate, n_fft=a.n_fft, hop_length=a.hop_length,
+                           win_length=a.win_length, n_mels=m.n_mels, fmin=m.fmin, fmax=m.fmax,
+                           clamp=m.clamp, log_max=m.log_max)
+
+
+def build_model(config: ml_collections.ConfigDict) -> Denoiser:
+    m = config.model
+    return Denoiser(spatial_dims=m.spatial_dims, widths=tuple(m.widths),
+                    blocks_per_level=m.blocks_per_level, embedding_dim=m.embedding_dim,
+                    condition_token=m.condition_token, dtype=_DTYPES[m.compute_dtype])
+
+
+def clean_mels(config: ml_collections.ConfigDict, waveforms: jax.Array) -> jax.Array:
+    """Waveforms [B, S] -> the model's x0: normalised log-mels [B, n_mels, T]."""
+    settings = mel_settings(config)
+    return mel.normalize(mel.log_mel(waveforms, settings), settings)
+
+
+def _crop_frames(config: ml_collections.ConfigDict) -> int:
+    return audio.num_frames(config.audio.crop_samples, config.audio.hop_length)
+
+
+def _condition(record: dict, config: ml_collections.ConfigDict, centre_seconds: float
+               ) -> np.ndarray:
+    """The CLIP condition of a crop centred at ``centre_seconds``: the mean embedding of the
+    query frames around that time (image), or the label prompt's embedding (text)."""
+    if config.query.mode == "text":
+        return np.asarray(record["text_embedding"], np.float32)
+    frames = record["frame_embeddings"]
+    centre = int(np.clip(np.floor(centre_seconds * config.query.fps), 0, len(frames) - 1))
+    offsets = (np.arange(config.query.num_frames) - config.query.num_frames // 2)
+    index = np.clip(centre + offsets * config.query.frame_stride, 0, len(frames) - 1)
+    return frames[index].astype(np.float32).mean(axis=0)
+
+
+def _crop(record: dict, config: ml_collections.ConfigDict, start: int) -> np.ndarray:
+    length = config.audio.crop_samples
+    waveform = np.asarray(record["waveform"], np.float32)
+    out = np.zeros(length, np.float32)
+    piece = waveform[max(start, 0):start + length]
+    out[:len(piece)] = piece
+    return out
+
+
+class TrainingCrops:
+    """``(index, rng) -> {"waveform": [S], "condition": [D]}``: a random crop and its frames."""
+
+    def __init__(self, config: ml_collections.ConfigDict, source: Any):
+        self.config, self.source = config, source
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict:
+        record = self.source[index]
+        length, rate = self.config.audio.crop_samples, self.config.audio.sample_rate
+        start = int(rng.integers(0, max(1, len(record["waveform"]) - length + 1)))
+        return {"waveform": _crop(record, self.config, start),
+                "condition": _condition(record, self.config, (start + length / 2) / rate)}
+
+
+class MiddleCrops:
+    """``index -> example``: the clip's middle crop and its frames (validation, evaluation)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, source: Any):
+        self.config, self.source = config, source
+
+    def __call__(self, index: int) -> dict:
+        record = self.source[index]
+        length, rate = self.config.audio.crop_samples, self.config.audio.sample_rate
+        start = max(0, (len(record["waveform"]) - length) // 2)
+        return {"waveform": _crop(record, self.config, start),
+                "condition": _condition(record, self.config, (start + length / 2) / rate)}
+
+
+def fixed_time_losses(config: ml_collections.ConfigDict, variables: dict, batch: dict
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Deterministic per-example denoising losses [B] and their times [B]: example ``i`` at
+    t = frac(0.5 + i * golden ratio) with noise drawn from (seed, i), conditioned."""
+    x0 = clean_mels(config, batch["waveform"])
+    index = batch["index"]
+    t = jnp.mod(0.5 + index.astype(jnp.float32) * 0.6180339887, 1.0)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.train.seed), i))(index)
+    eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:]))(keys)
+    z = diffusion.noisy(x0, eps, t)
+    v = diffusion.v_target(x0, eps, t)
+    predicted = build_model(config).apply(variables, z, diffusion.logsnr_schedule(t),
+                                          batch["condition"])
+    return jnp.mean((predicted - v) ** 2, axis=(1, 2)), t
+
+
+class CLIPSonicFamily(Family):
+    """Diffusion models of audio conditioned on CLIP embeddings (CLIPSonic)."""
+
+    name = "clipsonic"
+    kinds = ("clipsonic",)
+
+    def model_config(self, kind: str) -> ml_collections.ConfigDict:
+        m = ml_collections.ConfigDict()
+        m.kind = kind
+        m.spatial_dims = 1  # 1: mel bands as channels (small, CPU-friendly); 2: an image
+        m.widths = (128, 256, 256)  # channels per U-Net level
+        m.blocks_per_level = 2
+        m.embedding_dim = 256  # the time + condition embedding
+        m.condition_token = False  # also cross-attend to the condition at the lowest level
+        m.condition_dim = 512  # CLIP's embedding size
+        m.compute_dtype = "float32"
+        return m
+
+    def family_config(self) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.mel = ml_collections.ConfigDict()
+        c.mel.n_mels = 80
+        c.mel.fmin = 0.0
+        c.mel.fmax = 8000.0
+        c.mel.clamp = 1e-5
+        c.mel.log_max = 2.5
+        c.condition_dropout = 0.1  # examples trained without their condition (guidance)
+        return c
+
+    def kind_defaults(self, config: ml_collections.ConfigDict) -> None:
+        config.audio.crop_samples = 32767  # 128 mel frames, about 2 s
+        config.train.learning_rate = 2e-4
+        config.train.ema_decay = 0.999
+
+    def validate_config(self, config: ml_collections.ConfigDict) -> None:
+        check_choices(config, CHOICES)
+        frames = _crop_frames(config)
+        multiple = 2 ** (len(config.model.widths) - 1)
+        if not config.model.widths:
+            raise UserError("config.model.widths is empty: the U-Net needs one level")
+        if frames % multiple:
+            raise UserError(f"config.audio.crop_samples={config.audio.crop_samples} gives "
+                            f"{frames} mel frames, not a multiple of {multiple} (2 ** (levels "
+                            "- 1)); e.g. 32767 gives 128")
+        if config.model.spatial_dims == 2 and config.clipsonic.mel.n_mels % multiple:
+            raise UserError(f"config.clipsonic.mel.n_mels={config.clipsonic.mel.n_mels} is "
+                            f"not a multiple of {multiple} (the 2D U-Net halves it)")
+        if not 0.0 <= config.clipsonic.condition_dropout < 1.0:
+            raise UserError(f"config.clipsonic.condition_dropout="
+                            f"{config.clipsonic.condition_dropout}: must be in [0, 1)")
+
+    def init_variables(self, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+        z = jnp.zeros((1, config.clipsonic.mel.n_mels, _crop_frames(config)), jnp.float32)
+        condition = jnp.zeros((1, config.model.condition_dim), jnp.float32)
+        return dict(build_model(config).init(rng, z, jnp.zeros((1,)), condition,
+                                             jnp.zeros((1,), bool)))
+
+    def loss(self, config, params, model_state, batch, rng, step):
+        model = build_model(config)
+
+        def denoise(z, logsnr, condition, drop):
+            return model.apply({"params": params}, z, logsnr, condition, drop)
+
+        loss, metrics = diffusion_loss(denoise, clean_mels(config, batch["waveform"]),
+                                       batch["condition"], rng,
+                                       config.clipsonic.condition_dropout)
+        return loss, (metrics, {})
+
+    def training_transform(self, config, source, metadata):
+        return TrainingCrops(config, source)
+
+    def validation_transform(self, config, source, metadata):
+        return MiddleCrops(config, source)
+
+    def validation_step(self, config, variables, batch):
+        losses, _ = fixed_time_losses(config, variables, batch)
+        return {"per_example": {"loss": losses}, "summary": None}
+
+    def evaluate(self, config, variables, mesh, *, progress=True):
+        """The test split's denoising loss (fixed times and noise per clip), overall and per
+        quarter of the time range; the generation metrics come with the sampler's command."""
+        source, _ = open_split(config.data, config.eval.split)
+        examples = MiddleCrops(config, source)
+        variables = sharding.replicate(variables, mesh)
+        step = jax.jit(lambda v, b: fixed_time_losses(config, v, b))
+        losses, times = [], []
+        for batch in sharded_batches(lambda i: examples(i), len(source),
+                                     -(-config.eval.batch_size // mesh.devices.size)
+                                     * mesh.devices.size, mesh):
+            loss, t = step(variables, batch)
+            valid = np.asarray(batch["valid"]).astype(bool)
+            losses.append(np.asarray(loss)[valid])
+            times.append(np.asarray(t)[valid])
+        losses, times = np.concatenate(losses), np.concatenate(times)
+        rows = [{"range": "all", "count": int(len(losses)), "loss": float(losses.mean())}]
+        for k in range(4):
+            chosen = (times >= k / 4) & (times < (k + 1) / 4)
+            rows.append({"range": f"t in [{k / 4:.2f}, {(k + 1) / 4:.2f})",
+                         "count": int(chosen.sum()),
+                         "loss": float(losses[chosen].mean()) if chosen.any() else float("nan")})
+        return {"model_kind": config.model.kind, "split": config.eval.split, "rows": rows}
+
+    def format_table(self, report: dict) -> str:
+        lines = ["| times | n | v-prediction MSE |", "|---|---|---|"]
+        lines += [f"| {r['range']} | {r['count']} | {r['loss']:.4f} |" for r in report["rows"]]
+        lines.append(f"\nDenoising loss on the {report['split']} split (fixed times and noise "
+                     "per clip; lower is better).")
+        return "\n".join(lines)
+
+    def describe_model(self, config) -> str:
+        m = config.model
+        return (f"clipsonic {m.spatial_dims}D denoiser, widths {tuple(m.widths)}, "
+                f"{m.blocks_per_level} blocks per level")
