@@ -2,7 +2,8 @@
 the CLIP image embedding of the crop's frames (CLIPSonic-IQ; query it with text for -ZS). Set
 ``--config.query.mode=text`` for CLIPSonic-SD (label-prompt conditioning).
 
-In progress: training and the denoising-loss evaluation work; generation comes next.
+Train with python -m clipsep_jax.main, generate with python -m clipsep_jax.generate; the
+evaluation is the test split's denoising loss for now (the generation metrics come next).
 """
 
 from clipsep_jax.config import default_config

@@ -2,15 +2,22 @@
 denoising-loss evaluation, and one train step on 1 vs 8 devices."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+import soundfile as sf
+from PIL import Image
 from test_sharding import global_relative_difference
 
 from clipsep_jax import checkpoints, evaluate, sharding, train
 from clipsep_jax.config import default_config, validate
 from clipsep_jax.train import make_optimizer, sharded_train_state, sharded_train_step
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_clipsonic(data_dir="", **train_overrides):
@@ -43,10 +50,18 @@ def test_config_is_checked():
         validate(config)
 
 
-def test_training_and_the_denoising_evaluation(generated_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def trained_clipsonic(generated_dataset, tiny_clip_folder, tmp_path_factory):
     config = tiny_clipsonic(generated_dataset, num_steps=60, checkpoint_every_steps=60)
-    checkpoints.write_config(tmp_path, config)
-    train.train_and_evaluate(config, str(tmp_path))
+    config.query.encoder_model = tiny_clip_folder
+    workdir = tmp_path_factory.mktemp("clipsonic")
+    checkpoints.write_config(workdir, config)
+    train.train_and_evaluate(config, str(workdir))
+    return config, workdir
+
+
+def test_training_and_the_denoising_evaluation(trained_clipsonic):
+    config, tmp_path = trained_clipsonic
     with open(tmp_path / "train_log.jsonl") as f:
         losses = [record["loss"] for record in map(json.loads, f) if "loss" in record]
     assert len(losses) == 60 and np.isfinite(losses).all()
@@ -78,3 +93,40 @@ def test_eight_devices_match_one():
     state, loss = run_steps(config, jax.devices()[:8])
     assert loss == pytest.approx(one_loss, rel=1e-5)
     assert global_relative_difference(state.params, one_state.params) <= 1e-5
+
+
+def test_generate_command_writes_samples(trained_clipsonic, tmp_path):
+    _, workdir = trained_clipsonic
+    frame = tmp_path / "frame.png"
+    Image.fromarray(np.full((64, 64, 3), (220, 60, 40), np.uint8)).save(frame)
+    command = [sys.executable, "-m", "clipsep_jax.generate", f"--workdir={workdir}",
+               "--text=accordion", f"--image={frame}", "--num_samples=2", "--seconds=1",
+               "--steps=4", f"--output-dir={tmp_path / 'out'}"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Griffin-Lim" in result.stdout
+    for name in ("accordion_0", "accordion_1", "image_frame_0", "image_frame_1"):
+        wave, rate = sf.read(tmp_path / "out" / f"{name}.wav")
+        assert rate == 16000 and wave.shape == (16000,) and np.isfinite(wave).all()
+        assert np.abs(wave).max() > 0 and (tmp_path / "out" / f"{name}.png").is_file()
+    first, _ = sf.read(tmp_path / "out" / "accordion_0.wav")
+    second, _ = sf.read(tmp_path / "out" / "accordion_1.wav")
+    assert not np.allclose(first, second)  # two samples, two noises
+    manifest = json.loads((tmp_path / "out" / "generation.json").read_text())
+    assert manifest["waveforms"].startswith("Griffin-Lim")
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_guidance_changes_what_the_model_generates(trained_clipsonic):
+    from clipsep_jax.families.clipsonic.generator import Generator
+
+    config, workdir = trained_clipsonic
+    generator = Generator.from_checkpoint(str(workdir))
+    kwargs = dict(num_samples=1, seconds=0.5, steps=4, seed=3)
+    conditional = generator.generate(["tuba"], guidance=1.0, **kwargs)[0]["mels"]
+    unconditional = generator.generate(["tuba"], guidance=0.0, **kwargs)[0]["mels"]
+    other = generator.generate(["accordion"], guidance=0.0, **kwargs)[0]["mels"]
+    assert conditional.shape == (1, 32, 32)
+    np.testing.assert_allclose(unconditional, other, atol=1e-5)  # w = 0 ignores the query
+    assert not np.allclose(conditional, unconditional)

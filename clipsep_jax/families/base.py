@@ -148,6 +148,12 @@ class Family(abc.ABC):
         """A checkpoint of the original implementation -> (config, variables)."""
         raise UserError(f"model kind {kind!r} has no reference-checkpoint converter")
 
+    def generator(self, config: ml_collections.ConfigDict, variables: dict, **kwargs: Any):
+        """An object with ``generate(queries, num_samples=, seconds=, guidance=, steps=,
+        seed=)`` -> per query {"mels", "waveforms"} (see
+        :class:`clipsep_jax.families.clipsonic.generator.Generator`)."""
+        raise UserError(f"model kind {config.model.kind!r} does not generate audio")
+
     def separator(self, config: ml_collections.ConfigDict, variables: dict, **kwargs: Any):
         """An object with ``check_queries(queries)``, ``separate_in_order(waveform,
         sample_rate, queries, channels=...)`` (estimates in the queries' order, then the

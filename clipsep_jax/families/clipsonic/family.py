@@ -232,6 +232,12 @@ class CLIPSonicFamily(Family):
                      "per clip; lower is better).")
         return "\n".join(lines)
 
+    def generator(self, config, variables, **kwargs):
+        # imported here: the generator module builds on this one
+        from clipsep_jax.families.clipsonic.generator import Generator
+
+        return Generator(config, variables, **kwargs)
+
     def describe_model(self, config) -> str:
         m = config.model
         return (f"clipsonic {m.spatial_dims}D denoiser, widths {tuple(m.widths)}, "

@@ -1,0 +1,123 @@
+"""Generating audio from text or image queries with a CLIPSonic model: :class:`Generator`.
+
+A text query is embedded by the model's CLIP text tower (the config's ``query.text_template``,
+"a photo of {query}": CLIPSonic-ZS for a model trained on image embeddings, -SD for one trained
+on text), an image query by its vision tower (CLIPSonic-IQ). DDIM with classifier-free guidance
+(:func:`clipsonic.diffusion.ddim_sample`) draws ``num_samples`` log-mels per query, and
+Griffin-Lim (:mod:`clipsonic.waveforms`) turns them into 16 kHz waveforms until a neural vocoder
+exists.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clipsep_jax import inference
+from clipsep_jax.encoders import load_query_encoder
+from clipsep_jax.encoders.clip import text_prompt
+from clipsep_jax.errors import UserError
+from clipsep_jax.families.clipsonic import diffusion, mel
+from clipsep_jax.families.clipsonic.family import build_model, mel_settings
+from clipsep_jax.families.clipsonic.waveforms import griffin_lim_from_log_mel
+
+__all__ = ["Generator"]
+
+
+class Generator:
+    """A CLIPSonic model with its query encoder.
+
+    Args:
+        config, variables: the model (EMA parameters when the run kept them).
+        encoder: a query encoder, or a hub id / folder (default: ``config.query.encoder_model``).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, variables: dict, encoder: Any = None):
+        if config.model.kind != "clipsonic":
+            raise UserError(f"model kind {config.model.kind!r} does not generate audio")
+        self.config = config
+        self.variables = jax.device_put(variables)
+        self._encoder = encoder
+        self.settings = mel_settings(config)
+        self._sample = jax.jit(functools.partial(_sample, config),
+                               static_argnames=("num_samples", "steps", "frames"))
+        self._vocode = jax.jit(functools.partial(griffin_lim_from_log_mel,
+                                                 settings=self.settings),
+                               static_argnames="iterations")
+
+    @classmethod
+    def from_checkpoint(cls, path: str, encoder: Any = None) -> Generator:
+        """A training workdir (its latest checkpoint), model directory or pretrained folder."""
+        config, variables = inference.load_for_inference(path)
+        return cls(config, variables, encoder)
+
+    @property
+    def encoder(self):
+        if self._encoder is None or isinstance(self._encoder, str):
+            self._encoder = load_query_encoder(self.config.query, self._encoder)
+        return self._encoder
+
+    def embed_queries(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
+        """Texts (through ``query.text_template``) or uint8 RGB images -> [N, D] embeddings."""
+        if not queries:
+            raise UserError("no queries: give at least one text or image")
+        out = []
+        for q in queries:
+            if isinstance(q, str):
+                if not q.strip():
+                    raise UserError("empty text query")
+                out.append(self.encoder.encode_text(
+                    [text_prompt(q, self.config.query.text_template)])[0])
+            else:
+                out.append(self.encoder.encode_image([np.asarray(q)])[0])
+        return np.stack(out).astype(np.float32)
+
+    def frames_for(self, seconds: float) -> int:
+        """Mel frames for ``seconds``, rounded up to what the U-Net halves."""
+        multiple = 2 ** (len(self.config.model.widths) - 1)
+        frames = int(np.ceil(seconds * self.settings.sample_rate / self.settings.hop_length))
+        return max(multiple, -(-frames // multiple) * multiple)
+
+    def generate(self, queries: Sequence[str | np.ndarray], *, num_samples: int = 1,
+                 seconds: float = 4.0, guidance: float = 3.0, steps: int = 50, seed: int = 0,
+                 griffin_lim_iterations: int = 64) -> list[dict[str, np.ndarray]]:
+        """Per query: ``mels`` [K, n_mels, T] (log-mel, not normalised) and ``waveforms``
+        [K, samples] (Griffin-Lim, 16 kHz), K = ``num_samples``; deterministic for ``seed``."""
+        if num_samples < 1 or steps < 1 or seconds <= 0:
+            raise UserError(f"num_samples={num_samples}, steps={steps}, seconds={seconds}: "
+                            "each must be positive")
+        embeddings = self.embed_queries(queries)
+        frames = self.frames_for(seconds)
+        samples = int(round(seconds * self.settings.sample_rate))
+        results = []
+        for index, embedding in enumerate(embeddings):
+            key = jax.random.fold_in(jax.random.key(seed), index)
+            normalised = self._sample(self.variables, jnp.asarray(embedding), key,
+                                      num_samples=num_samples, steps=steps, frames=frames,
+                                      guidance=guidance)
+            log_mels = mel.denormalize(normalised, self.settings)
+            waves = self._vocode(log_mels, iterations=griffin_lim_iterations,
+                                 key=jax.random.fold_in(key, 1))
+            results.append({"mels": np.asarray(log_mels),
+                            "waveforms": np.asarray(waves)[:, :samples]})
+        return results
+
+
+def _sample(config, variables, embedding, key, *, num_samples, steps, frames, guidance):
+    model = build_model(config)
+    conditions = jnp.broadcast_to(embedding, (num_samples, embedding.shape[-1]))
+
+    def denoise(z, t, condition):
+        embeddings, drop = condition
+        return model.apply(variables, z, diffusion.logsnr_schedule(t), embeddings, drop)
+
+    noise = jax.random.normal(key, (num_samples, config.clipsonic.mel.n_mels, frames))
+    keep = jnp.zeros((num_samples,), bool)
+    return diffusion.ddim_sample(denoise, (conditions, keep), (conditions, ~keep), noise, steps,
+                                 guidance)

@@ -1,0 +1,102 @@
+r"""Generate audio from text or image queries with a CLIPSonic model.
+
+    python -m clipsep_jax.generate --workdir=RUN --text="a dog barking" [--text=...] \
+        [--image=frame.jpg] [--num_samples=K] [--guidance=W] [--steps=S] [--seed=S] \
+        [--seconds=D] --output-dir=DIR
+
+writes ``DIR/<query made safe>_<k>.wav`` (16 kHz) and ``DIR/<query made safe>_<k>.png`` (its
+log-mel) for each query and sample, and ``DIR/generation.json`` (the settings, and that the
+waveforms come from Griffin-Lim: no neural vocoder yet). ``--checkpoint`` takes a pretrained
+folder or hub id or a model directory in place of ``--workdir``. Existing files are refused
+unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+from PIL import Image
+
+from clipsep_jax import errors, inference
+from clipsep_jax.families import get_family
+from clipsep_jax.files import write_text_atomic
+from clipsep_jax.pictures import save_png, spectrogram_picture
+from clipsep_jax.separate import query_file_name
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipsep_jax.generate",
+                                     description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="training workdir: its latest checkpoint")
+    source.add_argument("--checkpoint", help="pretrained folder or hub id, or model directory")
+    parser.add_argument("--text", action="append", default=[], help="text query (repeatable)")
+    parser.add_argument("--image", action="append", default=[], help="image query file")
+    parser.add_argument("--num_samples", type=int, default=1, help="samples per query")
+    parser.add_argument("--guidance", type=float, default=3.0,
+                        help="classifier-free guidance scale w (1: conditional, 0: none)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each sample")
+    parser.add_argument("--clip", help="the query encoder's hub id or folder")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier outputs")
+    args = parser.parse_args(argv)
+    try:
+        queries: list[Any] = list(args.text)
+        names = list(args.text)
+        for path in args.image:
+            try:
+                with Image.open(path) as image:
+                    queries.append(np.asarray(image.convert("RGB")))
+            except Exception as e:
+                raise errors.UserError(f"{path}: cannot read the image ({e})") from e
+            names.append(f"image_{Path(path).stem}")
+        if not queries:
+            raise errors.UserError("no queries: give --text and/or --image")
+        config, variables = inference.load_for_inference(args.checkpoint or args.workdir)
+        generator = get_family(config).generator(config, variables, encoder=args.clip)
+        out = Path(args.output_dir)
+        taken: set[str] = set()
+        stems = [query_file_name(name, taken) for name in names]
+        planned = [out / f"{stem}_{k}.wav" for stem in stems for k in range(args.num_samples)]
+        existing = [str(p) for p in planned if p.exists()]
+        if existing and not args.overwrite:
+            raise errors.UserError(f"{existing[0]} exists (and {len(existing) - 1} more); "
+                                   "pass --overwrite or another --output-dir")
+        results = generator.generate(queries, num_samples=args.num_samples,
+                                     seconds=args.seconds, guidance=args.guidance,
+                                     steps=args.steps, seed=args.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        rate = config.audio.sample_rate
+        for stem, result in zip(stems, results, strict=True):
+            for k, (wave, log_mel) in enumerate(zip(result["waveforms"], result["mels"],
+                                                    strict=True)):
+                path = out / f"{stem}_{k}.wav"
+                tmp = path.with_name(f".{path.name}.tmp.wav")
+                soundfile.write(tmp, wave, rate, subtype="FLOAT")
+                tmp.replace(path)
+                save_png(out / f"{stem}_{k}.png", spectrogram_picture(log_mel))
+                print(f"written: {path} (Griffin-Lim waveform)", flush=True)
+        write_text_atomic(out / "generation.json", json.dumps({
+            "queries": names, "files": [str(p.name) for p in planned],
+            "num_samples": args.num_samples, "guidance": args.guidance, "steps": args.steps,
+            "seed": args.seed, "seconds": args.seconds, "sample_rate": rate,
+            "waveforms": "Griffin-Lim from the generated log-mel (no neural vocoder yet)",
+            "model": str(args.checkpoint or args.workdir)}, indent=1))
+    except errors.USER_ERRORS as e:
+        return errors.report(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
