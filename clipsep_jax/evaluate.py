@@ -46,7 +46,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best
 
     ``checkpoint``: ``best``, ``latest`` or a step of the workdir's checkpoints, or a model
     directory, or a reference checkpoint file (with ``model_kind``). The model's own config
-    (its ``model`` and ``audio`` sections and ``num_sources``) replaces ``config``'s."""
+    (its ``model`` and ``audio`` sections, ``num_sources`` and its family's section except that
+    section's ``eval`` settings) replaces ``config``'s."""
     path = Path(checkpoint)
     if checkpoint in ("best", "latest") or checkpoint.isdigit():
         model_config, variables, step = checkpoints.load_workdir(
@@ -60,8 +61,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best
     config.audio = model_config.audio
     config.num_sources = model_config.num_sources
     family = get_family(config)
-    if family.name in model_config:  # the family's own settings are the model's too
+    if family.name in model_config:  # the family's own settings are the model's too,
+        evaluation_settings = config[family.name].get("eval")  # but not how it is evaluated
         config[family.name] = model_config[family.name]
+        if evaluation_settings is not None:
+            config[family.name].eval = evaluation_settings
     mesh = sharding.make_mesh(config)
     report = family.evaluate(config, variables, mesh, progress=progress)
     report["checkpoint"] = str(checkpoint if not path.exists() else path.absolute())

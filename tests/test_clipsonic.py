@@ -67,10 +67,25 @@ def test_training_and_the_denoising_evaluation(trained_clipsonic):
     assert len(losses) == 60 and np.isfinite(losses).all()
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
     config.eval.split = "val"
+    # The generated tones are two classes a small classifier learns at once.
+    config.clipsonic.eval.classifier_steps, config.clipsonic.eval.steps = 150, 4
+    config.clipsonic.eval.guidance = "0,2"
     report, path = evaluate.run(config, str(tmp_path), "latest", progress=False)
     assert report["rows"][0]["count"] == 8 and np.isfinite(report["rows"][0]["loss"])
     assert sum(row["count"] for row in report["rows"][1:]) == 8
-    assert "| all | 8 |" in path.with_suffix(".md").read_text()
+    table = path.with_suffix(".md").read_text()
+    assert "| all | 8 |" in table
+    assert report["classifier"]["test_accuracy"] >= 0.95, report["classifier"]
+    rows = {(r["mode"], r["guidance"]): r for r in report["generation"]}
+    assert set(rows) == {("image", 0.0), ("image", 2.0), ("text_zs", 0.0), ("text_zs", 2.0)}
+    for row in rows.values():
+        assert row["count"] == 8 and 0 <= row["relevance_mel"] <= 1
+        assert np.isfinite(row["frechet_mel"]) and np.isfinite(row["frechet_waveform"])
+    assert report["floor"]["frechet_distance"] >= 0
+    assert "| image (IQ) | 2 | 8 |" in table and "floor (real training vs real test" in table
+    # the cached classifier is reused: the same accuracy without training again
+    again, _ = evaluate.run(config, str(tmp_path), "latest", progress=False)
+    assert again["classifier"] == report["classifier"]
 
 
 def run_steps(config, devices):

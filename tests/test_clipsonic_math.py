@@ -150,3 +150,14 @@ def test_a_tiny_denoiser_overfits_two_examples():
     errors = np.abs(np.asarray(samples)[:, None] - np.asarray(x0)[None]).mean((2, 3))
     assert errors[0, 0] < errors[0, 1] and errors[1, 1] < errors[1, 0]  # each its own example
     assert errors[0, 0] < 0.15 and errors[1, 1] < 0.15
+
+
+def test_frechet_distance_against_the_closed_form():
+    from clipsep_jax.families.clipsonic.classifier import frechet_distance
+
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(20000, 3))
+    b = rng.normal(size=(20000, 3)) * np.array([1.0, 2.0, 0.5]) + np.array([1.0, 0.0, -2.0])
+    # |mu|^2 + sum (s_a - s_b)^2 for diagonal covariances: 5 + 0 + 1 + 0.25
+    assert frechet_distance(a, b) == pytest.approx(6.25, rel=0.03)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)

@@ -150,6 +150,15 @@ class CLIPSonicFamily(Family):
         c.mel.clamp = 1e-5
         c.mel.log_max = 2.5
         c.condition_dropout = 0.1  # examples trained without their condition (guidance)
+        # Evaluation (python -m clipsep_jax.evaluate): the project's classifier, then
+        # generations for every test clip per query mode and guidance scale.
+        c.eval = ml_collections.ConfigDict()
+        c.eval.guidance = "1,3"  # comma-separated guidance scales
+        c.eval.steps = 25  # DDIM steps per generation
+        c.eval.classifier_steps = 600  # the classifier's training steps (batch 32)
+        c.eval.classifier_crops = 4  # random crops per training clip for the classifier
+        c.eval.classifier_min_accuracy = 0.95  # on real test clips, before it is used
+        c.eval.griffin_lim_iterations = 32
         return c
 
     def kind_defaults(self, config: ml_collections.ConfigDict) -> None:
@@ -202,17 +211,20 @@ class CLIPSonicFamily(Family):
         return {"per_example": {"loss": losses}, "summary": None}
 
     def evaluate(self, config, variables, mesh, *, progress=True):
-        """The test split's denoising loss (fixed times and noise per clip), overall and per
-        quarter of the time range; the generation metrics come with the sampler's command."""
+        """The denoising loss on the test split (fixed times and noise per clip), then the
+        generation metrics of :mod:`.evaluation` (relevance and Frechet distance from the
+        project's classifier, per query mode and guidance scale)."""
+        from clipsep_jax.families.clipsonic import evaluation  # builds on this module
+
         source, _ = open_split(config.data, config.eval.split)
         examples = MiddleCrops(config, source)
-        variables = sharding.replicate(variables, mesh)
+        replicated = sharding.replicate(variables, mesh)
         step = jax.jit(lambda v, b: fixed_time_losses(config, v, b))
         losses, times = [], []
         for batch in sharded_batches(lambda i: examples(i), len(source),
                                      -(-config.eval.batch_size // mesh.devices.size)
                                      * mesh.devices.size, mesh):
-            loss, t = step(variables, batch)
+            loss, t = step(replicated, batch)
             valid = np.asarray(batch["valid"]).astype(bool)
             losses.append(np.asarray(loss)[valid])
             times.append(np.asarray(t)[valid])
@@ -223,14 +235,18 @@ class CLIPSonicFamily(Family):
             rows.append({"range": f"t in [{k / 4:.2f}, {(k + 1) / 4:.2f})",
                          "count": int(chosen.sum()),
                          "loss": float(losses[chosen].mean()) if chosen.any() else float("nan")})
-        return {"model_kind": config.model.kind, "split": config.eval.split, "rows": rows}
+        report = {"model_kind": config.model.kind, "split": config.eval.split, "rows": rows}
+        report.update(evaluation.generation_metrics(config, variables, progress=progress))
+        return report
 
     def format_table(self, report: dict) -> str:
+        from clipsep_jax.families.clipsonic import evaluation
+
         lines = ["| times | n | v-prediction MSE |", "|---|---|---|"]
         lines += [f"| {r['range']} | {r['count']} | {r['loss']:.4f} |" for r in report["rows"]]
         lines.append(f"\nDenoising loss on the {report['split']} split (fixed times and noise "
-                     "per clip; lower is better).")
-        return "\n".join(lines)
+                     "per clip; lower is better).\n")
+        return "\n".join(lines) + "\n" + evaluation.format_generation(report)
 
     def generator(self, config, variables, **kwargs):
         # imported here: the generator module builds on this one

@@ -27,7 +27,7 @@ from clipsep_jax.families.clipsonic import diffusion, mel
 from clipsep_jax.families.clipsonic.family import build_model, mel_settings
 from clipsep_jax.families.clipsonic.waveforms import griffin_lim_from_log_mel
 
-__all__ = ["Generator"]
+__all__ = ["Generator", "sample_batch"]
 
 
 class Generator:
@@ -109,15 +109,25 @@ class Generator:
         return results
 
 
-def _sample(config, variables, embedding, key, *, num_samples, steps, frames, guidance):
+def sample_batch(config: ml_collections.ConfigDict, variables: dict, conditions: jax.Array,
+                 key: jax.Array, *, steps: int, frames: int, guidance: float | jax.Array
+                 ) -> jax.Array:
+    """One normalised log-mel [N, n_mels, frames] per condition [N, D] (jit-able with
+    ``steps`` and ``frames`` static)."""
     model = build_model(config)
-    conditions = jnp.broadcast_to(embedding, (num_samples, embedding.shape[-1]))
 
     def denoise(z, t, condition):
         embeddings, drop = condition
         return model.apply(variables, z, diffusion.logsnr_schedule(t), embeddings, drop)
 
-    noise = jax.random.normal(key, (num_samples, config.clipsonic.mel.n_mels, frames))
-    keep = jnp.zeros((num_samples,), bool)
+    count = conditions.shape[0]
+    noise = jax.random.normal(key, (count, config.clipsonic.mel.n_mels, frames))
+    keep = jnp.zeros((count,), bool)
     return diffusion.ddim_sample(denoise, (conditions, keep), (conditions, ~keep), noise, steps,
                                  guidance)
+
+
+def _sample(config, variables, embedding, key, *, num_samples, steps, frames, guidance):
+    conditions = jnp.broadcast_to(embedding, (num_samples, embedding.shape[-1]))
+    return sample_batch(config, variables, conditions, key, steps=steps, frames=frames,
+                        guidance=guidance)
