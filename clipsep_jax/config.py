@@ -126,6 +126,9 @@ def default_config(kind: str = "clipsep") -> ml_collections.ConfigDict:
     config.eval.batch_size = 32  # mixtures per model call
     config.eval.num_workers = -1  # metric worker processes (-1: one per CPU, 0: in-process)
     config.eval.after_training = False  # python -m clipsep_jax.main evaluates when training ends
+    # Comma-separated splits main also evaluates then, each as eval.split with its own clips as
+    # interferers (synth_music's held_out, say).
+    config.eval.extra_splits = ""
     config.eval.num_audio_examples = 0  # mixtures written as audio and pictures with the table
 
     # Device mesh (clipsep_jax/sharding.py): the batch is split over data x fsdp devices;

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -44,6 +45,18 @@ def _prepare_dataset(config) -> None:
         synth_music.prepare_for_config(config)
 
 
+def _evaluation_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """The configs of the evaluations after training: ``config`` itself, then one per split of
+    ``config.eval.extra_splits`` (that split's clips queried and interfering)."""
+    configs = [config]
+    for split in (s.strip() for s in config.eval.extra_splits.split(",")):
+        if split:
+            extra = ml_collections.ConfigDict(config.to_dict())
+            extra.eval.split, extra.eval.interference_split = split, ""
+            configs.append(extra)
+    return configs
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -71,12 +84,13 @@ def _run(config, workdir: str) -> int:
             _prepare_dataset(config)
         train.train_and_evaluate(config, workdir)
         if config.eval.after_training:
-            report, path = evaluate.run(config, workdir, "best")
-            if jax.process_index() == 0:
-                print("\n" + evaluate.format_table(report), flush=True)
-                print(f"evaluation: {path.with_suffix('.md')} and {path.name}", flush=True)
-                for folder in report.get("audio_examples", []):
-                    print(f"example separation: {folder}/", flush=True)
+            for split_config in _evaluation_configs(config):
+                report, path = evaluate.run(split_config, workdir, "best")
+                if jax.process_index() == 0:
+                    print("\n" + evaluate.format_table(report), flush=True)
+                    print(f"evaluation: {path.with_suffix('.md')} and {path.name}", flush=True)
+                    for folder in report.get("audio_examples", []):
+                        print(f"example separation: {folder}/", flush=True)
     except train.NonFiniteLossError as e:
         return errors.report(e, code=1)
     except train.Stopped as e:
