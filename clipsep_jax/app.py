@@ -35,11 +35,13 @@ from clipsep_jax.pictures import spectrogram_picture
 from clipsep_jax.separate import output_names, read_audio
 from clipsep_jax.separation import SeparationError
 
-__all__ = ["MAX_QUERIES", "SeparationPage", "build_app", "main"]
+__all__ = ["MAX_QUERIES", "MAX_SAMPLES", "SeparationPage", "GenerationPage", "build_app",
+           "build_generation_app", "main"]
 
 MAX_QUERIES = 8  # output slots on the page
 KEEP_SEPARATIONS = 32  # request folders kept on disk (older ones are removed)
 MAX_UPLOAD = "500mb"
+MAX_SAMPLES = 4  # generated samples shown per request
 _PICTURE_WIDTH = 1200  # pixels; longer spectrograms are shrunk in time for the page
 
 
@@ -134,6 +136,103 @@ class SeparationPage:
         return str(path)
 
 
+class GenerationPage:
+    """What the generation tab does, without Gradio: a text or image query in, WAVs and mel
+    pictures out (one folder per request under ``output_root``).
+
+    Args:
+        generator: the family's generator (``generate(queries, num_samples=, seconds=,
+            guidance=, steps=, seed=)``).
+    """
+
+    def __init__(self, generator: Any, output_root: str | Path, sample_rate: int = 16000):
+        self.generator = generator
+        self.output_root = Path(output_root)
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        self.sample_rate = sample_rate
+
+    def run(self, text: str, image_path: str | None, guidance: float, num_samples: int,
+            seed: int, seconds: float = 4.0, steps: int = 50) -> dict:
+        """-> {"files": [WAV per sample], "pictures": [(PNG, caption)], "query": name};
+        raises UserError for a missing or bad query or setting."""
+        if text and text.strip() and image_path:
+            raise SeparationError("give a text query or an image, not both")
+        if text and text.strip():
+            query: Any = text.strip()
+            name = query
+        elif image_path:
+            try:
+                with Image.open(image_path) as image:
+                    query = np.asarray(image.convert("RGB"))
+            except Exception as e:
+                raise SeparationError(f"{Path(image_path).name}: cannot read the image ({e})"
+                                      ) from e
+            name = f"image_{Path(image_path).stem}"
+        else:
+            raise SeparationError("no query: give a text query or an image")
+        if not 1 <= int(num_samples) <= MAX_SAMPLES:
+            raise SeparationError(f"samples={num_samples}: choose 1 to {MAX_SAMPLES}")
+        result = self.generator.generate([query], num_samples=int(num_samples),
+                                         seconds=float(seconds), guidance=float(guidance),
+                                         steps=int(steps), seed=int(seed))[0]
+        for old in sorted(self.output_root.glob("generation-*"),
+                          key=lambda p: p.stat().st_mtime)[:-KEEP_SEPARATIONS + 1 or None]:
+            shutil.rmtree(old, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(prefix="generation-", dir=self.output_root))
+        stem = output_names([name])[0]
+        files, pictures = [], []
+        for k, (wave, log_mel) in enumerate(zip(result["waveforms"], result["mels"],
+                                                strict=True)):
+            path = folder / f"{stem}_{k}.wav"
+            soundfile.write(path, wave, self.sample_rate, subtype="FLOAT")
+            files.append(str(path))
+            pictures.append((SeparationPage._picture(folder / f"{stem}_{k}.png",
+                                                     spectrogram_picture(log_mel)),
+                             f"sample {k} (log-mel)"))
+        return {"files": files, "pictures": pictures, "query": name}
+
+
+def build_generation_app(page: GenerationPage, title: str) -> Any:
+    """The Gradio page of a generator (CLIPSonic): a text or image query, guidance, samples,
+    seed; the samples (Griffin-Lim waveforms) and their log-mels."""
+    import gradio as gr  # the [app] extra; only the page needs it
+
+    def generate(text, image_path, guidance, num_samples, seed, seconds):
+        try:
+            result = page.run(text, image_path, guidance, num_samples, seed, seconds)
+        except (SeparationError, ValueError) as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        audio = [gr.Audio(value=f, visible=True, label=f"{result['query']} #{k}")
+                 for k, f in enumerate(result["files"])]
+        audio += [gr.Audio(value=None, visible=False)] * (MAX_SAMPLES - len(audio))
+        return [*audio, result["pictures"],
+                f"Generated {len(result['files'])} sample(s) for {result['query']!r} "
+                "(waveforms by Griffin-Lim; no neural vocoder yet)."]
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"# {title}\nGenerate audio from a text query or a picture.")
+        with gr.Tab("Generate"), gr.Row():
+            with gr.Column():
+                text = gr.Textbox(label="text query", elem_id="gen_text")
+                image = gr.Image(label="or an image query", type="filepath",
+                                 elem_id="gen_image")
+                guidance = gr.Slider(0, 10, value=3, step=0.5, label="guidance",
+                                     elem_id="gen_guidance")
+                samples = gr.Slider(1, MAX_SAMPLES, value=2, step=1, label="samples")
+                seed = gr.Number(value=0, precision=0, label="seed")
+                seconds = gr.Slider(0.5, 10, value=4, step=0.5, label="seconds")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column():
+                status = gr.Markdown(elem_id="gen_status")
+                outputs = [gr.Audio(visible=False, interactive=False, buttons=["download"],
+                                    elem_id=f"sample_{i}") for i in range(MAX_SAMPLES)]
+                pictures = gr.Gallery(label="log-mel spectrograms", columns=2,
+                                      object_fit="contain", height=360)
+        button.click(generate, [text, image, guidance, samples, seed, seconds],
+                     [*outputs, pictures, status])
+    return demo
+
+
 def build_app(page: SeparationPage, title: str) -> Any:
     """The Gradio page around ``page``."""
     import gradio as gr  # the [app] extra; only the page needs it
@@ -210,17 +309,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: the web page needs Gradio: pip install -e '.[app]'", file=sys.stderr)
         return 2
     path = args.checkpoint or args.workdir
+    output_root = Path(args.output_dir or tempfile.mkdtemp(prefix="clipsep-app-"))
+    title = ""
     try:
         config, variables = inference.load_for_inference(path, args.model_kind)
-        separator = get_family(config).separator(config, variables, clip=args.clip)
+        title = f"clipsep-jax: {config.model.kind} ({Path(str(path)).name})"
+        family = get_family(config)
+        if family.task == "generation":  # a generator: the generation page
+            generator = family.generator(config, variables, encoder=args.clip)
+            demo = build_generation_app(
+                GenerationPage(generator, output_root, config.audio.sample_rate), title)
+            return _serve(demo, args, path, output_root)
+        separator = family.separator(config, variables, clip=args.clip)
         separator.check_queries(["a"] if config.query.mode != "image" else
                                 [np.zeros((8, 8, 3), np.uint8)])  # loads the query encoder
     except (ValueError, OSError) as e:  # the message names the file and the problem
         print(f"error: {e}", file=sys.stderr)
         return 2
-    output_root = Path(args.output_dir or tempfile.mkdtemp(prefix="clipsep-app-"))
-    page = SeparationPage(separator, output_root)
-    demo = build_app(page, f"clipsep-jax: {config.model.kind} ({Path(str(path)).name})")
+    return _serve(build_app(SeparationPage(separator, output_root), title), args, path,
+                  output_root)
+
+
+def _serve(demo: Any, args: argparse.Namespace, path: str, output_root: Path) -> int:
     print(f"serving {path} on http://{args.host}:{args.port}", flush=True)
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, show_error=True, share=False,

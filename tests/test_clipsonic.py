@@ -142,6 +142,33 @@ def test_guidance_changes_what_the_model_generates(trained_clipsonic):
     conditional = generator.generate(["tuba"], guidance=1.0, **kwargs)[0]["mels"]
     unconditional = generator.generate(["tuba"], guidance=0.0, **kwargs)[0]["mels"]
     other = generator.generate(["accordion"], guidance=0.0, **kwargs)[0]["mels"]
-    assert conditional.shape == (1, 32, 32)
+    assert conditional.shape == (1, 32, 34)  # 0.5 s: 33 frames, rounded up to even
     np.testing.assert_allclose(unconditional, other, atol=1e-5)  # w = 0 ignores the query
     assert not np.allclose(conditional, unconditional)
+
+
+def test_the_web_page_generates(trained_clipsonic, tmp_path):
+    """The generation page's logic (its Gradio layout is a thin shell over it), and the page
+    itself served for a generator run."""
+    from clipsep_jax.app import GenerationPage, build_generation_app
+    from clipsep_jax.families.clipsonic.generator import Generator
+    from clipsep_jax.separation import SeparationError
+
+    _, workdir = trained_clipsonic
+    page = GenerationPage(Generator.from_checkpoint(str(workdir)), tmp_path)
+    result = page.run("tuba", None, 2.0, 2, 5, seconds=0.5, steps=3)
+    assert [Path(f).name for f in result["files"]] == ["tuba_0.wav", "tuba_1.wav"]
+    wave, rate = sf.read(result["files"][0])
+    assert rate == 16000 and wave.shape == (8000,) and np.abs(wave).max() > 0
+    assert len(result["pictures"]) == 2 and Path(result["pictures"][0][0]).is_file()
+    frame = tmp_path / "frame.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(frame)
+    assert page.run("", str(frame), 1.0, 1, 0, seconds=0.5, steps=3)["query"] == "image_frame"
+    with pytest.raises(SeparationError, match="no query"):
+        page.run(" ", None, 1.0, 1, 0)
+    with pytest.raises(SeparationError, match="not both"):
+        page.run("tuba", str(frame), 1.0, 1, 0)
+    (tmp_path / "bad.png").write_text("no picture")
+    with pytest.raises(SeparationError, match="bad.png: cannot read the image"):
+        page.run("", str(tmp_path / "bad.png"), 1.0, 1, 0)
+    assert build_generation_app(page, "t") is not None

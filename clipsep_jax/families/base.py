@@ -51,6 +51,9 @@ class Family(abc.ABC):
 
     name: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]]
+    # "separation" (``separator``) or "generation" (``generator``): what its models do, for
+    # the commands and the web page
+    task: ClassVar[str] = "separation"
 
     # -- configuration ----------------------------------------------------------------------
 

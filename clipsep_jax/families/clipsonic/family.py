@@ -128,6 +128,7 @@ class CLIPSonicFamily(Family):
 
     name = "clipsonic"
     kinds = ("clipsonic",)
+    task = "generation"
 
     def model_config(self, kind: str) -> ml_collections.ConfigDict:
         m = ml_collections.ConfigDict()

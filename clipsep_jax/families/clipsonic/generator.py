@@ -79,9 +79,11 @@ class Generator:
         return np.stack(out).astype(np.float32)
 
     def frames_for(self, seconds: float) -> int:
-        """Mel frames for ``seconds``, rounded up to what the U-Net halves."""
+        """Mel frames whose waveform (hop * (frames - 1) samples) covers ``seconds``, rounded
+        up to what the U-Net halves."""
         multiple = 2 ** (len(self.config.model.widths) - 1)
-        frames = int(np.ceil(seconds * self.settings.sample_rate / self.settings.hop_length))
+        samples = seconds * self.settings.sample_rate
+        frames = int(np.ceil(samples / self.settings.hop_length)) + 1
         return max(multiple, -(-frames // multiple) * multiple)
 
     def generate(self, queries: Sequence[str | np.ndarray], *, num_samples: int = 1,
