@@ -32,7 +32,7 @@ from PIL import Image
 from clipsep_jax import inference
 from clipsep_jax.families import get_family
 from clipsep_jax.pictures import spectrogram_picture
-from clipsep_jax.separate import output_names, read_audio
+from clipsep_jax.separate import output_names, read_audio, read_image
 from clipsep_jax.separation import SeparationError
 
 __all__ = ["MAX_QUERIES", "MAX_SAMPLES", "SeparationPage", "GenerationPage", "build_app",
@@ -69,11 +69,7 @@ class SeparationPage:
                 queries.append(line.strip())
                 names.append(line.strip())
         for path in image_paths or []:
-            try:
-                with Image.open(path) as image:
-                    queries.append(np.asarray(image.convert("RGB")))
-            except Exception as e:
-                raise SeparationError(f"{Path(path).name}: cannot read the image ({e})") from e
+            queries.append(read_image(Path(path)))
             names.append(f"image_{Path(path).stem}")
         if not queries:
             raise SeparationError("no queries: give at least one text query (one per line) or "
@@ -161,12 +157,7 @@ class GenerationPage:
             query: Any = text.strip()
             name = query
         elif image_path:
-            try:
-                with Image.open(image_path) as image:
-                    query = np.asarray(image.convert("RGB"))
-            except Exception as e:
-                raise SeparationError(f"{Path(image_path).name}: cannot read the image ({e})"
-                                      ) from e
+            query = read_image(Path(image_path))
             name = f"image_{Path(image_path).stem}"
         else:
             raise SeparationError("no query: give a text query or an image")

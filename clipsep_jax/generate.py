@@ -20,15 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import soundfile
-from PIL import Image
 
 from clipsep_jax import errors, inference
 from clipsep_jax.families import get_family
 from clipsep_jax.files import write_text_atomic
 from clipsep_jax.pictures import save_png, spectrogram_picture
-from clipsep_jax.separate import query_file_name
+from clipsep_jax.separate import query_file_name, read_image
 
 __all__ = ["main"]
 
@@ -55,11 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         queries: list[Any] = list(args.text)
         names = list(args.text)
         for path in args.image:
-            try:
-                with Image.open(path) as image:
-                    queries.append(np.asarray(image.convert("RGB")))
-            except Exception as e:
-                raise errors.UserError(f"{path}: cannot read the image ({e})") from e
+            queries.append(read_image(path))
             names.append(f"image_{Path(path).stem}")
         if not queries:
             raise errors.UserError("no queries: give --text and/or --image")

@@ -44,7 +44,7 @@ from clipsep_jax import inference
 from clipsep_jax.families import get_family
 from clipsep_jax.separation import SeparationError
 
-__all__ = ["SeparationError", "read_audio", "query_file_name", "main"]
+__all__ = ["SeparationError", "read_audio", "read_image", "query_file_name", "main"]
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
@@ -91,6 +91,16 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
     if decoded.returncode != 0:
         raise SeparationError(f"{path}: cannot read audio ({decoded.stderr.decode()[-200:]})")
     return np.frombuffer(decoded.stdout, np.float32).reshape(-1, channels).copy(), rate
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image query file -> uint8 RGB [H, W, 3]; SeparationError naming the file otherwise."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception as e:
+        raise SeparationError(f"{Path(path).name if isinstance(path, Path) else path}: cannot "
+                              f"read the image ({e})") from e
 
 
 def query_file_name(query: str, taken: set[str]) -> str:
@@ -237,11 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             queries.append(text)
         names = list(args.text)
         for image_path in args.image:
-            try:
-                with Image.open(image_path) as image:
-                    queries.append(np.asarray(image.convert("RGB")))
-            except Exception as e:
-                raise SeparationError(f"{image_path}: cannot read the image ({e})") from e
+            queries.append(read_image(image_path))
             names.append(f"image_{Path(image_path).stem}")
         if not queries:
             raise SeparationError("no queries: give --text and/or --image")

@@ -95,7 +95,11 @@ def read_weight_file(file: str) -> dict[str, np.ndarray]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise UserError(f"{file}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        out[key.removeprefix("module.")] = value.float().numpy()
+        name = key.removeprefix("module.")
+        if name in out:
+            raise UserError(f"{file}: key {name!r} appears with and without the 'module.' "
+                            "prefix")
+        out[name] = value.detach().float().numpy()
     return out
 
 

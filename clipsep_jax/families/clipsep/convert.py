@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from clipsep_jax.config import default_config
+from clipsep_jax.encoders.common import read_weight_file
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.clipsep.model import KINDS as MODEL_KINDS
 from clipsep_jax.families.clipsep.model import init_variables
@@ -122,31 +123,12 @@ def key_table(config: ml_collections.ConfigDict) -> list[KeyMapping]:
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Reads a PyTorch state dict (weights only) as numpy arrays, ``module.`` prefixes stripped."""
+    """Reads a PyTorch state dict (weights only) as numpy arrays, ``module.`` prefixes stripped
+    (:func:`clipsep_jax.encoders.common.read_weight_file`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        import torch
-    except ImportError as error:  # torch is an optional dependency of the converter only
-        raise ImportError(
-            "reading PyTorch checkpoints needs torch: pip install 'clipsep-jax[convert]'"
-        ) from error
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"{path}: not a readable PyTorch weights file ({error})") from error
-    if not isinstance(loaded, Mapping):
-        raise UserError(f"{path}: expected a state dict (tensors by name), got {type(loaded)}")
-    state = {}
-    for key, value in loaded.items():
-        if not isinstance(value, torch.Tensor):
-            raise UserError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        name = key.removeprefix("module.")
-        if name in state:
-            raise UserError(f"{path}: key {name!r} appears with and without the 'module.' prefix")
-        state[name] = value.detach().cpu().numpy()
-    return state
+    return read_weight_file(str(path))
 
 
 def _require(state: Mapping[str, np.ndarray], key: str, source: str) -> np.ndarray:

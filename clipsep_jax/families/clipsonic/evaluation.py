@@ -37,13 +37,13 @@ from clipsep_jax.families.clipsonic.classifier import (
     save_classifier,
     train_classifier,
 )
-from clipsep_jax.families.clipsonic.family import (
+from clipsep_jax.families.clipsonic.generator import sample_batch
+from clipsep_jax.families.clipsonic.model import (
     MiddleCrops,
     TrainingCrops,
     clean_mels,
     mel_settings,
 )
-from clipsep_jax.families.clipsonic.generator import sample_batch
 from clipsep_jax.families.clipsonic.waveforms import griffin_lim_from_log_mel
 from clipsep_jax.input_pipeline import open_split
 

@@ -24,7 +24,7 @@ from clipsep_jax.encoders import load_query_encoder
 from clipsep_jax.encoders.clip import text_prompt
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.clipsonic import diffusion, mel
-from clipsep_jax.families.clipsonic.family import build_model, mel_settings
+from clipsep_jax.families.clipsonic.model import build_model, mel_settings
 from clipsep_jax.families.clipsonic.waveforms import griffin_lim_from_log_mel
 
 __all__ = ["Generator", "sample_batch"]
