@@ -44,6 +44,7 @@ from clipsep_jax.encoders.bert import BERT
 from clipsep_jax.encoders.clip import CLIP, DEFAULT_CLIP, text_prompt
 from clipsep_jax.encoders.resnet import ResNet
 from clipsep_jax.errors import UserError
+from data_prep import tfds_compat
 from data_prep.extract import ExtractedClip, ExtractOptions, Extractor, make_example
 from data_prep.media import require_ffmpeg
 from data_prep.sources import ClipSource, Skip, detect_layout, read_index, read_videos
@@ -324,6 +325,7 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     # -- the skip report -----------------------------------------------------------------------
 
     def download_and_prepare(self, *args, **kwargs):
+        tfds_compat.install()  # splits over 1 GB spill to disk, which TFDS does through TF
         super().download_and_prepare(*args, **kwargs)
         if self._skips is None:  # already prepared: nothing was generated this time
             return

@@ -136,6 +136,8 @@ def test_index_layout_skip_report(index_build):
 
 
 def test_rerun_reuses_finished_work_shards(index_build, tiny_clip_dir, monkeypatch):
+    """The rebuild reuses the work shards; it also goes through TFDS's on-disk shuffle (as a
+    split over 1 GB does), which without TensorFlow needs data_prep.tfds_compat."""
     root, out, expected, builder = index_build
     before = read_all(out, "music")
 
@@ -143,6 +145,7 @@ def test_rerun_reuses_finished_work_shards(index_build, tiny_clip_dir, monkeypat
         raise AssertionError("a finished work shard was extracted again")
 
     monkeypatch.setattr(extract.Extractor, "run", no_extraction)
+    monkeypatch.setattr(tfds.core.shuffle, "MAX_MEM_BUFFER_SIZE", 0)
     rebuilt = build.run(
         [
             "--dataset=music",
