@@ -108,6 +108,7 @@ def default_config(kind: str = "clipsep") -> ml_collections.ConfigDict:
     config.data.synth_clips_per_class = (16, 3, 4)  # synth_music: train, val, test per class
     config.data.synth_seconds = 8.0
     config.data.synth_seed = 0
+    config.data.synth_vary = True  # synth_music: vary how each clip is played and recorded
 
     # Evaluation (python -m clipsep_jax.evaluate): test mixtures as the reference builds them.
     config.eval = ml_collections.ConfigDict()

@@ -2,8 +2,9 @@
 the CLIP image embedding of the crop's frames (CLIPSonic-IQ; query it with text for -ZS). Set
 ``--config.query.mode=text`` for CLIPSonic-SD (label-prompt conditioning).
 
-Train with python -m clipsep_jax.main, generate with python -m clipsep_jax.generate; the
-evaluation is the test split's denoising loss for now (the generation metrics come next).
+Train with python -m clipsep_jax.main, generate with python -m clipsep_jax.generate, and
+python -m clipsep_jax.evaluate prints the generation table (the project's classifier's
+relevance and Frechet distance per query mode and guidance scale).
 """
 
 from clipsep_jax.config import default_config

@@ -400,12 +400,14 @@ def _check_soundfonts(clips_per_class: Sequence[int]) -> None:
 
 def write_tree(folder: str | Path, clips_per_class: Sequence[int] = (16, 3, 4, 4),
                seconds: float = 8.0, seed: int = 0, sample_rate: int = 16000,
-               labels: tuple[str, ...] | None = None) -> Path:
+               labels: tuple[str, ...] | None = None, vary: bool = True) -> Path:
     """Renders the dataset's input tree into ``folder`` (index layout, see the module docs):
     ``clips_per_class`` (train, val, test[, held_out]) clips of ``seconds`` per instrument.
-    train / val / test take turns among :data:`TRAINING_SOUNDFONTS`, varied; held_out is plain
-    :data:`HELD_OUT_SOUNDFONT` (``held_out.csv``). ``renderings.csv`` names each clip's soundfont
-    and program. Written under a temporary name and renamed; a finished tree is left as it is."""
+    train / val / test take turns among :data:`TRAINING_SOUNDFONTS`, each clip played and
+    recorded in its own way (plainly, with the instrument's own program, when ``vary`` is
+    False); held_out is plain :data:`HELD_OUT_SOUNDFONT` (``held_out.csv``).
+    ``renderings.csv`` names each clip's soundfont and program. Written under a temporary name
+    and renamed; a finished tree is left as it is."""
 
     folder = Path(folder).absolute()
     if (folder / "test.csv").is_file():
@@ -433,13 +435,13 @@ def write_tree(folder: str | Path, clips_per_class: Sequence[int] = (16, 3, 4, 4
                     rng = np.random.default_rng([seed, split_id, class_id, i])
                     name = f"{split}_{slug}_{i:03d}"
                     if split == "held_out":
-                        soundfont, vary = HELD_OUT_SOUNDFONT, False
+                        soundfont, varied = HELD_OUT_SOUNDFONT, False
                     else:
                         soundfont = TRAINING_SOUNDFONTS[(i + class_id)
                                                         % len(TRAINING_SOUNDFONTS)]
-                        vary = True
+                        varied = vary
                     wave, performance = render_clip(renderer, label, rng, seconds,
-                                                    soundfont, vary)
+                                                    soundfont, varied)
                     audio = f"audio/{slug}/{name}.wav"
                     (staging / audio).parent.mkdir(parents=True, exist_ok=True)
                     soundfile.write(staging / audio, wave, sample_rate, subtype="FLOAT")
@@ -480,20 +482,22 @@ class SynthMusic(ClipDatasetBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = None
 
     def __init__(self, *, clips_per_class: Sequence[int] = (16, 3, 4, 4), seconds: float = 8.0,
-                 seed: int = 0, **kwargs):
+                 seed: int = 0, vary: bool = True, **kwargs):
         self.clips_per_class = tuple(int(c) for c in clips_per_class)
         self.seconds = float(seconds)
         self.seed = int(seed)
+        self.vary = bool(vary)
         super().__init__(**kwargs)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        name = "rendered-{}-{}s-seed{}".format("x".join(map(str, self.clips_per_class)),
-                                                self.seconds, self.seed)
+        name = "rendered-{}-{}s-seed{}{}".format("x".join(map(str, self.clips_per_class)),
+                                                  self.seconds, self.seed,
+                                                  "" if self.vary else "-plain")
         tree = write_tree(os.path.join(self.work_dir, name), self.clips_per_class,
-                                      self.seconds, self.seed, self.options.sample_rate)
+                          self.seconds, self.seed, self.options.sample_rate, vary=self.vary)
         self.info.metadata.update({
             "synth_clips_per_class": list(self.clips_per_class),
-            "synth_seconds": self.seconds, "synth_seed": self.seed,
+            "synth_seconds": self.seconds, "synth_seed": self.seed, "synth_vary": self.vary,
             "synth_soundfonts": {"train": list(TRAINING_SOUNDFONTS),
                                  "held_out": [HELD_OUT_SOUNDFONT]}})
         return self._splits_from(os.fspath(tree))
@@ -542,13 +546,13 @@ def resolve_clip(clip: str, data_dir: str | Path) -> str:
 
 def prepare(data_dir: str | Path, *, clip: str, clips_per_class: Sequence[int] = (16, 3, 4, 4),
             seconds: float = 8.0, seed: int = 0, min_samples: int = 16383,
-            progress: bool = True) -> SynthMusic:
+            progress: bool = True, vary: bool = True) -> SynthMusic:
     """Builds the ``synth_music`` TFDS dataset in ``data_dir`` unless it is there; returns the
     builder (its ``info.metadata['clip']`` names the CLIP that embedded the frames)."""
 
 
     builder = SynthMusic(data_dir=os.fspath(data_dir), clip=clip, clips_per_class=clips_per_class,
-                         seconds=seconds, seed=seed,
+                         seconds=seconds, seed=seed, vary=vary,
                          options=ExtractOptions(min_samples=min_samples))
     if not progress:
         tfds.disable_progress_bar()
@@ -572,9 +576,11 @@ def prepare_for_config(config) -> None:
         raise ValueError("config.data.data_dir is empty: where should the dataset go?")
     built = Path(d.data_dir) / "synth_music" / str(SynthMusic.VERSION)
     if (built / "dataset_info.json").is_file():
-        metadata = tfds.builder_from_directory(str(built)).info.metadata
+        metadata = dict(tfds.builder_from_directory(str(built)).info.metadata)
+        metadata.setdefault("synth_vary", True)  # built before the option: varied
         wanted = {"synth_clips_per_class": [int(c) for c in d.synth_clips_per_class],
-                  "synth_seconds": float(d.synth_seconds), "synth_seed": int(d.synth_seed)}
+                  "synth_seconds": float(d.synth_seconds), "synth_seed": int(d.synth_seed),
+                  "synth_vary": bool(d.synth_vary)}
         differs = {k: (metadata.get(k), v) for k, v in wanted.items() if metadata.get(k) != v}
         if differs:
             raise ValueError(f"{built} was built with other settings (built, asked): {differs}; "
@@ -587,7 +593,7 @@ def prepare_for_config(config) -> None:
         clip = resolve_clip(config.query.encoder_model, d.data_dir)
         print(f"preparing synth_music in {d.data_dir} (CLIP: {clip})", flush=True)
         builder = prepare(d.data_dir, clip=clip, clips_per_class=tuple(d.synth_clips_per_class),
-                          seconds=d.synth_seconds, seed=d.synth_seed,
+                          seconds=d.synth_seconds, seed=d.synth_seed, vary=bool(d.synth_vary),
                           min_samples=config.audio.crop_samples)
         splits = {k: v.num_examples for k, v in builder.info.splits.items()}
         print(f"synth_music ready: {splits}", flush=True)

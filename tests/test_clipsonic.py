@@ -1,5 +1,6 @@
 """The CLIPSonic family through the generic machinery: training on generated data, the
-denoising-loss evaluation, and one train step on 1 vs 8 devices."""
+denoising-loss and generation evaluation, exact resume after SIGKILL, one train step on 1 vs 8
+devices, generation from the command line and the web page."""
 
 import json
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 from test_sharding import global_relative_difference
+from test_training import changed_fields, kill_after_a_checkpoint_and_resume
 
 from clipsep_jax import checkpoints, evaluate, sharding, train
 from clipsep_jax.config import default_config, validate
@@ -86,6 +88,14 @@ def test_training_and_the_denoising_evaluation(trained_clipsonic):
     # the cached classifier is reused: the same accuracy without training again
     again, _ = evaluate.run(config, str(tmp_path), "latest", progress=False)
     assert again["classifier"] == report["classifier"]
+
+
+def test_sigkill_after_a_checkpoint_resumes_with_the_same_losses(generated_dataset, tmp_path):
+    """python -m clipsep_jax.main with configs/music_clipsonic.py and the tiny model's fields."""
+    config = tiny_clipsonic(generated_dataset, num_steps=20, checkpoint_every_steps=10,
+                            lr_schedule="constant")
+    args = changed_fields(config, default_config("clipsonic"))
+    kill_after_a_checkpoint_and_resume(tmp_path, args, "music_clipsonic.py", steps=20)
 
 
 def run_steps(config, devices):

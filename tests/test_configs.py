@@ -57,4 +57,5 @@ def test_command_line_overrides_and_unknown_keys():
 def test_expected_variants_exist():
     stems = {p.stem for p in CONFIGS}
     assert {"music_clipsep", "music_clipsep_text", "music_clipsep_hybrid", "music_pit",
-            "music_labelsep", "vggsound_clipsep", "vggsound_nit", "vggsound_pit"} <= stems
+            "music_labelsep", "vggsound_clipsep", "vggsound_nit", "vggsound_pit",
+            "music_clipsonic", "vggsound_clipsonic", "clipsonic_demo"} <= stems

@@ -75,6 +75,23 @@ def test_varied_rendering_is_deterministic_and_varies():
     assert not np.allclose(plain, clip(7, "TimGM6mb", vary=False)[0])
 
 
+def test_plain_rendering_plays_each_instruments_own_program(tmp_path):
+    """``vary=False`` (config.data.synth_vary; the CLIPSonic demo's dataset): every clip is the
+    instrument's own General MIDI program, recorded as rendered."""
+    labels = ("saxophone", "acoustic guitar")
+    kwargs = dict(clips_per_class=(3, 0, 0), seconds=1.0, labels=labels)
+    plain = synth_music.write_tree(tmp_path / "plain", vary=False, **kwargs)
+    varied = synth_music.write_tree(tmp_path / "varied", **kwargs)
+    programs = lambda tree: {  # noqa: E731
+        row[0]: int(row[2]) for row in (line.split(",") for line in
+                                        (tree / "renderings.csv").read_text().splitlines()[1:])}
+    own = {f"audio/{label.replace(' ', '_')}/train_{label.replace(' ', '_')}_{i:03d}.wav":
+           synth_music.INSTRUMENTS[label][0] for label in labels for i in range(3)}
+    assert programs(plain) == own
+    clip = "audio/saxophone/train_saxophone_000.wav"
+    assert not np.allclose(sf.read(plain / clip)[0], sf.read(varied / clip)[0])
+
+
 def test_a_missing_soundfont_names_the_file_and_the_package(monkeypatch, tmp_path):
     missing = str(tmp_path / "FluidR3_GM.sf2")
     monkeypatch.setitem(synth_music.SOUNDFONTS, "FluidR3_GM", (missing, "apt-get install "

@@ -43,14 +43,14 @@ def test_training_loss_falls_and_writes_logs(trained_workdir):
                for name in os.listdir(os.path.join(trained_workdir, "logs")))
 
 
-def run_main(workdir, *overrides, wait=True, devices=1):
+def run_main(workdir, *overrides, wait=True, devices=1, config="music_clipsep.py"):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device in the subprocess
     env.pop("CLIPSEP_DEBUG", None)
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     command = [sys.executable, "-m", "clipsep_jax.main",
-               f"--config={ROOT / 'configs' / 'music_clipsep.py'}", f"--workdir={workdir}",
+               f"--config={ROOT / 'configs' / config}", f"--workdir={workdir}",
                *overrides]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -70,26 +70,43 @@ def overrides(data_dir, steps):
     return flat
 
 
-def test_sigkill_after_a_checkpoint_resumes_with_the_same_losses(generated_dataset, tmp_path):
-    args = overrides(generated_dataset, 30)
-    code, output = run_main(tmp_path / "straight", *args)
+def changed_fields(config, defaults, prefix="--config") -> list[str]:
+    """``config``'s values that differ from ``defaults``, as command-line overrides."""
+    flat = []
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            flat += changed_fields(value, defaults[key], f"{prefix}.{key}")
+        elif value != defaults[key]:
+            flat.append(f"{prefix}.{key}={value}")
+    return flat
+
+
+def kill_after_a_checkpoint_and_resume(tmp_path, args, config="music_clipsep.py",
+                                       checkpoint_step=10, steps=30):
+    """Trains straight; trains again, SIGKILLed as soon as checkpoint ``checkpoint_step`` exists,
+    and resumes. Asserts the resumed run's losses equal the straight run's, bit for bit."""
+    code, output = run_main(tmp_path / "straight", *args, config=config)
     assert code == 0, output
     straight = read_log(tmp_path / "straight")
 
-    process = run_main(tmp_path / "killed", *args, wait=False)
-    checkpoint = tmp_path / "killed" / "checkpoints" / "10"
+    process = run_main(tmp_path / "killed", *args, wait=False, config=config)
+    checkpoint = tmp_path / "killed" / "checkpoints" / str(checkpoint_step)
     deadline = time.time() + 300
     while not checkpoint.is_dir() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert checkpoint.is_dir()
-    code, output = run_main(tmp_path / "killed", *args)
+    code, output = run_main(tmp_path / "killed", *args, config=config)
     assert code == 0, output
-    assert "resumed from step" in output
+    assert f"resumed from step {checkpoint_step}" in output
     resumed = read_log(tmp_path / "killed")
-    steps = list(range(11, 31))
-    np.testing.assert_array_equal([resumed[s] for s in steps], [straight[s] for s in steps])
+    after = list(range(checkpoint_step + 1, steps + 1))
+    np.testing.assert_array_equal([resumed[s] for s in after], [straight[s] for s in after])
+
+
+def test_sigkill_after_a_checkpoint_resumes_with_the_same_losses(generated_dataset, tmp_path):
+    kill_after_a_checkpoint_and_resume(tmp_path, overrides(generated_dataset, 30))
 
 
 class WrappedBatches:

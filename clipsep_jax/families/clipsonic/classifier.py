@@ -1,10 +1,12 @@
 """The objective evaluation of generated audio that needs no downloaded model: a small audio
 classifier the project trains on the dataset's real clips.
 
-:class:`MelClassifier` is a small CNN over normalised log-mels (the generator's own
-representation): four conv blocks, global average pooling, a 128-wide penultimate layer and the
-class logits. It is trained on random crops of the training split (:func:`train_classifier`) and
-must reach ``min_accuracy`` on the middle crops of real test clips before its numbers are used.
+:class:`MelClassifier` is a small 1D CNN over normalised log-mels (the generator's own
+representation, mel bands as channels): three conv blocks along time, mean and max pooling over
+time, a 128-wide penultimate layer and the class logits. It is trained on random crops of the
+training split (:func:`train_classifier`) and must reach ``min_accuracy`` on the middle crops of
+real test clips before its numbers are used. (A 2D CNN of the same depth scored no better on
+synth_music's test crops and trained about 20 times slower on a CPU.)
 It gives:
 
 - **relevance**: the accuracy of generated clips against the class that was queried;
@@ -37,16 +39,16 @@ class MelClassifier(nn.Module):
     """Normalised log-mels [B, n_mels, T] -> (logits [B, classes], features [B, 128])."""
 
     num_classes: int
-    widths: tuple[int, ...] = (32, 64, 128, 128)
+    widths: tuple[int, ...] = (128, 128, 128)
 
     @nn.compact
     def __call__(self, mels: jax.Array, train: bool = False):
-        x = mels[..., None].astype(jnp.float32)
+        x = jnp.swapaxes(mels.astype(jnp.float32), -1, -2)  # [B, T, n_mels]
         for width in self.widths:
-            x = nn.Conv(width, (3, 3))(x)
+            x = nn.Conv(width, (3,))(x)
             x = nn.relu(nn.GroupNorm(num_groups=8)(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-        x = jnp.mean(x, axis=(1, 2))
+            x = nn.max_pool(x, (2,), strides=(2,), padding="SAME")
+        x = jnp.concatenate([jnp.mean(x, axis=1), jnp.max(x, axis=1)], axis=-1)
         features = nn.relu(nn.Dense(128)(x))
         return nn.Dense(self.num_classes)(features), features
 
@@ -73,15 +75,17 @@ class ClassifierResult:
 
 def train_classifier(train_mels: np.ndarray, train_labels: np.ndarray,
                      test_mels: np.ndarray, test_labels: np.ndarray, labels: tuple[str, ...],
-                     *, steps: int = 400, batch_size: int = 32, learning_rate: float = 2e-3,
+                     *, steps: int = 2000, batch_size: int = 32, learning_rate: float = 2e-3,
                      seed: int = 0) -> ClassifierResult:
-    """Trains :class:`MelClassifier` on (crops [N, n_mels, T], class ids [N]) with Adam and
-    random time shifts (a roll of up to a quarter of the crop); returns it with its accuracy on
-    the test crops."""
+    """Trains :class:`MelClassifier` on (crops [N, n_mels, T], class ids [N]) with AdamW (weight
+    decay 0.01; 100 warm-up steps, then cosine decay) and random time shifts (a roll of up to a
+    quarter of the crop); returns it with its accuracy on the test crops."""
     model = MelClassifier(len(labels))
     key = jax.random.key(seed)
     params = model.init(key, jnp.asarray(train_mels[:1]))["params"]
-    optimizer = optax.adam(learning_rate)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 2),
+                                                  steps)
+    optimizer = optax.adamw(schedule, weight_decay=1e-2)
     state = optimizer.init(params)
     rng = np.random.default_rng(seed)
 
@@ -92,7 +96,7 @@ def train_classifier(train_mels: np.ndarray, train_labels: np.ndarray,
             return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, state = optimizer.update(grads, state)
+        updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
     frames = train_mels.shape[-1]

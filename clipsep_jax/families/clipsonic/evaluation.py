@@ -49,6 +49,8 @@ from clipsep_jax.input_pipeline import open_split
 
 __all__ = ["generation_metrics", "format_generation"]
 
+# In the cache's fingerprint: a classifier saved by another design is trained again.
+CLASSIFIER_VERSION = "mel-cnn-1d"
 MODE_NAMES = {"image": "image (IQ)", "text_zs": "text (ZS)", "text_sd": "text (SD)"}
 
 
@@ -73,7 +75,7 @@ def _classifier(config, train_source, test_source, labels, test_mels, test_ids, 
                             config.data.train_split, config.eval.split],
                    "mel": dict(config.clipsonic.mel), "crop": config.audio.crop_samples,
                    "steps": e.classifier_steps, "crops": e.classifier_crops,
-                   "seed": config.train.seed}
+                   "seed": config.train.seed, "classifier": CLASSIFIER_VERSION}
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(config.data.data_dir) / "_clipsonic_classifier" / digest
     cached = load_classifier(folder, fingerprint)

@@ -71,7 +71,7 @@ class CLIPSonicFamily(Family):
         c.eval = ml_collections.ConfigDict()
         c.eval.guidance = "1,3"  # comma-separated guidance scales
         c.eval.steps = 25  # DDIM steps per generation
-        c.eval.classifier_steps = 600  # the classifier's training steps (batch 32)
+        c.eval.classifier_steps = 2000  # the classifier's training steps (batch 32)
         c.eval.classifier_crops = 4  # random crops per training clip for the classifier
         c.eval.classifier_min_accuracy = 0.95  # on real test clips, before it is used
         c.eval.griffin_lim_iterations = 32
