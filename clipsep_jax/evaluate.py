@@ -62,10 +62,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best
     config.num_sources = model_config.num_sources
     family = get_family(config)
     if family.name in model_config:  # the family's own settings are the model's too,
-        evaluation_settings = config[family.name].get("eval")  # but not how it is evaluated
+        usage = {name: config[family.name].get(name)  # but not how it is evaluated
+                 for name in family.usage_sections}
         config[family.name] = model_config[family.name]
-        if evaluation_settings is not None:
-            config[family.name].eval = evaluation_settings
+        for name, settings in usage.items():
+            if settings is not None:
+                config[family.name][name] = settings
     mesh = sharding.make_mesh(config)
     report = family.evaluate(config, variables, mesh, progress=progress)
     report["checkpoint"] = str(checkpoint if not path.exists() else path.absolute())

@@ -2,13 +2,16 @@ r"""Generate audio from text or image queries with a CLIPSonic model.
 
     python -m clipsep_jax.generate --workdir=RUN --text="a dog barking" [--text=...] \
         [--image=frame.jpg] [--num_samples=K] [--guidance=W] [--steps=S] [--seed=S] \
-        [--seconds=D] --output-dir=DIR
+        [--seconds=D] [--prior=ridge|retrieval [--prior_split=SPLIT]] --output-dir=DIR
 
 writes ``DIR/<query made safe>_<k>.wav`` (16 kHz) and ``DIR/<query made safe>_<k>.png`` (its
 log-mel) for each query and sample, and ``DIR/generation.json`` (the settings, and that the
 waveforms come from Griffin-Lim: no neural vocoder yet). ``--checkpoint`` takes a pretrained
 folder or hub id or a model directory in place of ``--workdir``. Existing files are refused
-unless ``--overwrite``.
+unless ``--overwrite``. ``--prior`` (CLIPSonic-PD) maps each text query's CLIP embedding to an
+image embedding before generation, with a prior fitted on another split of the run's dataset
+(``--prior_split``, default the run's ``clipsonic.prior.split``); without it, a run whose config
+names a prior uses that one, and other text queries go in as they are (CLIPSonic-ZS).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import soundfile
 
 from clipsep_jax import errors, inference
 from clipsep_jax.families import get_family
+from clipsep_jax.families.clipsonic.prior_baselines import PRIOR_KINDS
 from clipsep_jax.files import write_text_atomic
 from clipsep_jax.pictures import save_png, spectrogram_picture
 from clipsep_jax.separate import query_file_name, read_image
@@ -46,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each sample")
     parser.add_argument("--clip", help="the query encoder's hub id or folder")
+    parser.add_argument("--prior", choices=PRIOR_KINDS,
+                        help="text -> image embedding prior for text queries (CLIPSonic-PD)")
+    parser.add_argument("--prior_split", help="the dataset split the prior is fitted on")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace earlier outputs")
     args = parser.parse_args(argv)
@@ -59,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise errors.UserError("no queries: give --text and/or --image")
         config, variables = inference.load_for_inference(args.checkpoint or args.workdir)
         generator = get_family(config).generator(config, variables, encoder=args.clip)
+        prior = generator.use_prior(args.prior, args.prior_split)
         out = Path(args.output_dir)
         taken: set[str] = set()
         stems = [query_file_name(name, taken) for name in names]
@@ -86,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "num_samples": args.num_samples, "guidance": args.guidance, "steps": args.steps,
             "seed": args.seed, "seconds": args.seconds, "sample_rate": rate,
             "waveforms": "Griffin-Lim from the generated log-mel (no neural vocoder yet)",
+            "prior": prior,
             "model": str(args.checkpoint or args.workdir)}, indent=1))
     except errors.USER_ERRORS as e:
         return errors.report(e)

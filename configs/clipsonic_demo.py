@@ -1,19 +1,21 @@
 """The CLIPSonic demo: on a synth_music dataset of its own (prepared on first use, as
 configs/demo.py does), train a small 1D diffusion denoiser of log-mels conditioned on the CLIP
 embedding of the clips' frames, then evaluate: the project's classifier, and generations queried
-with images (IQ) and with text (ZS) at two guidance scales.
+with images (IQ), with text (ZS) and with text through a ridge-regression prior (PD) at two
+guidance scales.
 
     python -m clipsep_jax.main --config=configs/clipsonic_demo.py --workdir=runs/clipsonic_demo
 
 Sized for a 2-core CPU. Its dataset differs from the separation demo's: 64 training clips per
-instrument rendered plainly (``synth_vary=False``: each instrument's own program, no performance
-or recording variation). The generation metrics need a classifier that scores >= 0.95 on real
-2-second test crops, and a classifier trained from scratch does not get there on the varied
-16-clip set: 0.66 on its test crops (0.86 with 64 varied clips per instrument, 0.90 with 160),
-against 0.98 with 64 plain clips (measured with this module's classifier). With the demo's
-random-weight CLIP (no weights downloaded), text and image embeddings live in unrelated spaces,
-so ZS shows what a text query does to a model that only saw image embeddings, not what CLIP's
-shared space gives.
+instrument (and 3 / 8 / 4 for val, test and held_out) rendered plainly (``synth_vary=False``:
+each instrument's own program, no performance or recording variation). The generation metrics
+need a classifier that scores >= 0.95 on real 2-second test crops, and a classifier trained from
+scratch does not get there on the varied 16-clip set: 0.66 on its test crops (0.86 with 64
+varied clips per instrument, 0.90 with 160), against 0.98 with 64 plain clips (measured with
+this module's classifier). With the demo's random-weight CLIP (no weights downloaded), text and
+image embeddings live in unrelated spaces, so ZS shows what a text query does to a model that
+only saw image embeddings, not what CLIP's shared space gives; PD maps the text into the image
+space with a prior fitted on other clips' image-text pairs.
 """
 
 from clipsep_jax.config import default_config
@@ -24,7 +26,7 @@ def get_config():
     config.data.name = "synth_music"
     config.data.data_dir = "data/synth_plain"
     config.data.prepare_if_missing = True
-    config.data.synth_clips_per_class = (64, 3, 8)
+    config.data.synth_clips_per_class = (64, 3, 8, 4)
     config.data.synth_vary = False
     config.data.synth_seconds = 8.0
     config.data.num_workers = 0
@@ -51,6 +53,10 @@ def get_config():
 
     config.clipsonic.eval.steps = 25
     config.clipsonic.eval.guidance = "1,5"
+    # CLIPSonic-PD: text embeddings mapped into the image space by ridge regression fitted on
+    # the held_out split's frames and label prompts (other clips, another soundfont).
+    config.clipsonic.prior.kind = "ridge"
+    config.clipsonic.prior.split = "held_out"
     config.eval.after_training = True
     config.eval.batch_size = 16
     config.mesh.data = -1

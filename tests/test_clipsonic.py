@@ -17,6 +17,7 @@ from test_training import changed_fields, kill_after_a_checkpoint_and_resume
 
 from clipsep_jax import checkpoints, evaluate, sharding, train
 from clipsep_jax.config import default_config, validate
+from clipsep_jax.errors import UserError
 from clipsep_jax.train import make_optimizer, sharded_train_state, sharded_train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,13 @@ def tiny_clipsonic(data_dir="", **train_overrides):
 def test_config_is_checked():
     config = tiny_clipsonic()
     validate(config)
+    config.clipsonic.prior.kind = "diffusion"
+    with pytest.raises(ValueError, match="config.clipsonic.prior.kind='diffusion'"):
+        validate(config)
+    config.clipsonic.prior.kind, config.clipsonic.prior.split = "ridge", "train"
+    with pytest.raises(ValueError, match="the generator's training split"):
+        validate(config)
+    config.clipsonic.prior.kind = ""
     config.audio.crop_samples = 16000  # 63 frames: not halvable
     with pytest.raises(ValueError, match="config.audio.crop_samples=16000 gives 63 mel frames"):
         validate(config)
@@ -72,6 +80,7 @@ def test_training_and_the_denoising_evaluation(trained_clipsonic):
     # The generated tones are two classes a small classifier learns at once.
     config.clipsonic.eval.classifier_steps, config.clipsonic.eval.steps = 150, 4
     config.clipsonic.eval.guidance = "0,2"
+    config.clipsonic.prior.kind, config.clipsonic.prior.split = "ridge", "test"
     report, path = evaluate.run(config, str(tmp_path), "latest", progress=False)
     assert report["rows"][0]["count"] == 8 and np.isfinite(report["rows"][0]["loss"])
     assert sum(row["count"] for row in report["rows"][1:]) == 8
@@ -79,12 +88,13 @@ def test_training_and_the_denoising_evaluation(trained_clipsonic):
     assert "| all | 8 |" in table
     assert report["classifier"]["test_accuracy"] >= 0.95, report["classifier"]
     rows = {(r["mode"], r["guidance"]): r for r in report["generation"]}
-    assert set(rows) == {("image", 0.0), ("image", 2.0), ("text_zs", 0.0), ("text_zs", 2.0)}
+    assert set(rows) == {(mode, w) for mode in ("image", "text_zs", "text_pd") for w in (0, 2)}
     for row in rows.values():
         assert row["count"] == 8 and 0 <= row["relevance_mel"] <= 1
         assert np.isfinite(row["frechet_mel"]) and np.isfinite(row["frechet_waveform"])
     assert report["floor"]["frechet_distance"] >= 0
     assert "| image (IQ) | 2 | 8 |" in table and "floor (real training vs real test" in table
+    assert "| text (PD) | 2 | 8 |" in table and "ridge prior fitted on the test split" in table
     # the cached classifier is reused: the same accuracy without training again
     again, _ = evaluate.run(config, str(tmp_path), "latest", progress=False)
     assert again["classifier"] == report["classifier"]
@@ -126,7 +136,8 @@ def test_generate_command_writes_samples(trained_clipsonic, tmp_path):
     Image.fromarray(np.full((64, 64, 3), (220, 60, 40), np.uint8)).save(frame)
     command = [sys.executable, "-m", "clipsep_jax.generate", f"--workdir={workdir}",
                "--text=accordion", f"--image={frame}", "--num_samples=2", "--seconds=1",
-               "--steps=4", f"--output-dir={tmp_path / 'out'}"]
+               "--steps=4", "--prior=ridge", "--prior_split=test",
+               f"--output-dir={tmp_path / 'out'}"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Griffin-Lim" in result.stdout
@@ -139,6 +150,7 @@ def test_generate_command_writes_samples(trained_clipsonic, tmp_path):
     assert not np.allclose(first, second)  # two samples, two noises
     manifest = json.loads((tmp_path / "out" / "generation.json").read_text())
     assert manifest["waveforms"].startswith("Griffin-Lim")
+    assert manifest["prior"].startswith("ridge fitted on the test split")
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
     assert again.returncode == 2 and "exists" in again.stderr
 
@@ -155,6 +167,12 @@ def test_guidance_changes_what_the_model_generates(trained_clipsonic):
     assert conditional.shape == (1, 32, 34)  # 0.5 s: 33 frames, rounded up to even
     np.testing.assert_allclose(unconditional, other, atol=1e-5)  # w = 0 ignores the query
     assert not np.allclose(conditional, unconditional)
+    zero_shot = generator.embed_queries(["tuba"])
+    assert generator.use_prior("retrieval", "test").startswith("retrieval fitted on the test")
+    through_prior = generator.embed_queries(["tuba"])
+    assert not np.allclose(zero_shot, through_prior)
+    with pytest.raises(UserError, match="training split"):
+        generator.use_prior("ridge", config.data.train_split)
 
 
 def test_the_web_page_generates(trained_clipsonic, tmp_path):

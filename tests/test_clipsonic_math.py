@@ -161,3 +161,22 @@ def test_frechet_distance_against_the_closed_form():
     # |mu|^2 + sum (s_a - s_b)^2 for diagonal covariances: 5 + 0 + 1 + 0.25
     assert frechet_distance(a, b) == pytest.approx(6.25, rel=0.03)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ridge_prior_learns_a_linear_map_and_retrieval_averages_the_nearest():
+    from clipsep_jax.families.clipsonic.prior_baselines import RetrievalPrior, RidgePrior
+
+    rng = np.random.default_rng(0)
+    rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))  # unit texts -> unit images
+    text = rng.normal(size=(400, 16))
+    image = (text / np.linalg.norm(text, axis=1, keepdims=True)) @ rotation
+    prior = RidgePrior.fit(text, image * 3.0, l2=1e-6)  # the targets' scale does not matter
+    new = rng.normal(size=(20, 16))
+    want = (new / np.linalg.norm(new, axis=1, keepdims=True)) @ rotation
+    np.testing.assert_allclose(prior(new), want, atol=1e-4)
+    assert np.allclose(np.linalg.norm(prior(new), axis=1), 1.0, atol=1e-6)
+
+    bank = np.eye(4, dtype=np.float32)
+    retrieval = RetrievalPrior(bank, top_k=2)
+    out = retrieval(np.array([[3.0, 2.0, 0.1, 0.0]]))  # nearest: rows 0 and 1
+    np.testing.assert_allclose(out, [[2 ** -0.5, 2 ** -0.5, 0, 0]], atol=1e-6)

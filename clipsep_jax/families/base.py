@@ -54,6 +54,9 @@ class Family(abc.ABC):
     # "separation" (``separator``) or "generation" (``generator``): what its models do, for
     # the commands and the web page
     task: ClassVar[str] = "separation"
+    # Subsections of ``config.<name>`` that say how a model is evaluated or queried, not what
+    # it is: an evaluation takes them from its own config, the rest from the checkpoint's.
+    usage_sections: ClassVar[tuple[str, ...]] = ("eval",)
 
     # -- configuration ----------------------------------------------------------------------
 

@@ -8,7 +8,9 @@
    test clips, and below ``classifier_min_accuracy`` no generation metric is reported;
 2. generates one clip per test clip, query mode and guidance scale (seeded by the clip's index):
    ``image`` (the clip's frames' CLIP embedding: CLIPSonic-IQ) and ``text`` (the label prompt's
-   CLIP text embedding: CLIPSonic-ZS for a model trained on images, -SD for one trained on text);
+   CLIP text embedding: CLIPSonic-ZS for a model trained on images, -SD for one trained on text)
+   and, with ``clipsonic.prior.kind`` set, ``text_pd`` (that text embedding mapped to an image
+   embedding by the prior: CLIPSonic-PD);
 3. scores them twice: the generated mels directly, and the mels of their Griffin-Lim waveforms
    (the vocoder's cost is the difference): relevance (accuracy against the queried label) and the
    Frechet distance of the classifier's features to the real test clips', with the real
@@ -44,6 +46,7 @@ from clipsep_jax.families.clipsonic.model import (
     clean_mels,
     mel_settings,
 )
+from clipsep_jax.families.clipsonic.prior_baselines import fit_prior
 from clipsep_jax.families.clipsonic.waveforms import griffin_lim_from_log_mel
 from clipsep_jax.input_pipeline import open_split
 
@@ -51,7 +54,8 @@ __all__ = ["generation_metrics", "format_generation"]
 
 # In the cache's fingerprint: a classifier saved by another design is trained again.
 CLASSIFIER_VERSION = "mel-cnn-1d"
-MODE_NAMES = {"image": "image (IQ)", "text_zs": "text (ZS)", "text_sd": "text (SD)"}
+MODE_NAMES = {"image": "image (IQ)", "text_zs": "text (ZS)", "text_sd": "text (SD)",
+              "text_pd": "text (PD)"}
 
 
 def _label_ids(source: Any, labels: list[str]) -> np.ndarray:
@@ -139,6 +143,10 @@ def generation_metrics(config: ml_collections.ConfigDict, variables: dict, *,
         text_mode: np.stack([np.asarray(test_source[i]["text_embedding"], np.float32)
                              for i in range(count)]),
     }
+    if config.clipsonic.prior.kind:  # CLIPSonic-PD: the test texts through the prior
+        conditions["text_pd"] = fit_prior(config)(conditions[text_mode])
+        out["prior"] = {"kind": config.clipsonic.prior.kind,
+                        "split": config.clipsonic.prior.split}
     sample = jax.jit(lambda c, k, w: sample_batch(config, variables, c, k, steps=e.steps,
                                                   frames=frames, guidance=w))
     settings = mel_settings(config)
@@ -196,4 +204,8 @@ def format_generation(report: dict) -> str:
     lines.append(f"\nFrechet distance (FD) of the classifier's features to the real test clips'; "
                  f"floor (real training vs real test clips): "
                  f"{report['floor']['frechet_distance']:.2f}.")
+    if report.get("prior"):
+        lines.append(f"PD: the test texts mapped to image embeddings by the "
+                     f"{report['prior']['kind']} prior fitted on the "
+                     f"{report['prior']['split']} split's image-text pairs.")
     return "\n".join(lines)

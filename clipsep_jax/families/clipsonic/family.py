@@ -30,12 +30,13 @@ from clipsep_jax.families.clipsonic.model import (
     crop_frames,
     fixed_time_losses,
 )
+from clipsep_jax.families.clipsonic.prior_baselines import PRIOR_KINDS
 from clipsep_jax.input_pipeline import open_split, sharded_batches
 
 __all__ = ["CLIPSonicFamily"]
 
 CHOICES = {"model.compute_dtype": ("float32", "bfloat16"), "model.spatial_dims": (1, 2),
-           "query.mode": ("image", "text")}
+           "query.mode": ("image", "text"), "clipsonic.prior.kind": ("", *PRIOR_KINDS)}
 
 
 class CLIPSonicFamily(Family):
@@ -44,6 +45,7 @@ class CLIPSonicFamily(Family):
     name = "clipsonic"
     kinds = ("clipsonic",)
     task = "generation"
+    usage_sections = ("eval", "prior")
 
     def model_config(self, kind: str) -> ml_collections.ConfigDict:
         m = ml_collections.ConfigDict()
@@ -66,6 +68,14 @@ class CLIPSonicFamily(Family):
         c.mel.clamp = 1e-5
         c.mel.log_max = 2.5
         c.condition_dropout = 0.1  # examples trained without their condition (guidance)
+        # CLIPSonic-PD: a text -> image embedding prior fitted on another split's image-text
+        # pairs ("": none; "ridge" or "retrieval", prior_baselines.py); the evaluation gains
+        # text (PD) rows and python -m clipsep_jax.generate --prior uses it.
+        c.prior = ml_collections.ConfigDict()
+        c.prior.kind = ""
+        c.prior.split = "held_out"
+        c.prior.ridge_l2 = 0.1
+        c.prior.top_k = 8
         # Evaluation (python -m clipsep_jax.evaluate): the project's classifier, then
         # generations for every test clip per query mode and guidance scale.
         c.eval = ml_collections.ConfigDict()
@@ -95,6 +105,10 @@ class CLIPSonicFamily(Family):
         if config.model.spatial_dims == 2 and config.clipsonic.mel.n_mels % multiple:
             raise UserError(f"config.clipsonic.mel.n_mels={config.clipsonic.mel.n_mels} is "
                             f"not a multiple of {multiple} (the 2D U-Net halves it)")
+        prior = config.clipsonic.prior
+        if prior.kind and prior.split == config.data.train_split:
+            raise UserError(f"config.clipsonic.prior.split={prior.split!r} is the generator's "
+                            "training split: fit the prior on other data")
         if not 0.0 <= config.clipsonic.condition_dropout < 1.0:
             raise UserError(f"config.clipsonic.condition_dropout="
                             f"{config.clipsonic.condition_dropout}: must be in [0, 1)")

@@ -25,6 +25,7 @@ from clipsep_jax.encoders.clip import text_prompt
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.clipsonic import diffusion, mel
 from clipsep_jax.families.clipsonic.model import build_model, mel_settings
+from clipsep_jax.families.clipsonic.prior_baselines import fit_prior
 from clipsep_jax.families.clipsonic.waveforms import griffin_lim_from_log_mel
 
 __all__ = ["Generator", "sample_batch"]
@@ -44,6 +45,7 @@ class Generator:
         self.config = config
         self.variables = jax.device_put(variables)
         self._encoder = encoder
+        self.prior: Any = None  # text embeddings [N, D] -> image embeddings (CLIPSonic-PD)
         self.settings = mel_settings(config)
         self._sample = jax.jit(functools.partial(_sample, config),
                                static_argnames=("num_samples", "steps", "frames"))
@@ -56,6 +58,21 @@ class Generator:
         """A training workdir (its latest checkpoint), model directory or pretrained folder."""
         config, variables = inference.load_for_inference(path)
         return cls(config, variables, encoder)
+
+    def use_prior(self, kind: str | None = None, split: str | None = None) -> str | None:
+        """Maps text queries through a prior fitted on ``split`` of the run's dataset:
+        ``kind`` (one of ``PRIOR_KINDS``), else the config's ``clipsonic.prior.kind``; none
+        when both are empty. Returns a description of the prior in use, or None."""
+        prior = ml_collections.ConfigDict(self.config.clipsonic.prior.to_dict())
+        prior.kind = kind or prior.kind
+        prior.split = split or prior.split
+        if not prior.kind:
+            self.prior = None
+            return None
+        config = ml_collections.ConfigDict(self.config.to_dict())
+        config.clipsonic.prior = prior
+        self.prior = fit_prior(config)
+        return f"{prior.kind} fitted on the {prior.split} split of {config.data.data_dir}"
 
     @property
     def encoder(self):
@@ -72,8 +89,9 @@ class Generator:
             if isinstance(q, str):
                 if not q.strip():
                     raise UserError("empty text query")
-                out.append(self.encoder.encode_text(
-                    [text_prompt(q, self.config.query.text_template)])[0])
+                embedding = self.encoder.encode_text(
+                    [text_prompt(q, self.config.query.text_template)])[0]
+                out.append(embedding if self.prior is None else self.prior(embedding[None])[0])
             else:
                 out.append(self.encoder.encode_image([np.asarray(q)])[0])
         return np.stack(out).astype(np.float32)
