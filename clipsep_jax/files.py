@@ -6,7 +6,10 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_text_atomic"]
+import numpy as np
+import soundfile
+
+__all__ = ["write_text_atomic", "write_wav_atomic"]
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -17,6 +20,22 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(handle, "w") as f:
             f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_wav_atomic(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
+    """Writes a float waveform [samples] (or [samples, channels]) as 32-bit float WAV through a
+    temporary file beside ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".wav", dir=path.parent)
+    os.close(handle)
+    try:
+        soundfile.write(temporary, np.asarray(wave), sample_rate, subtype="FLOAT")
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

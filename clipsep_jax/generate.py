@@ -23,12 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import soundfile
-
 from clipsep_jax import errors, inference
 from clipsep_jax.families import get_family
 from clipsep_jax.families.clipsonic.prior_baselines import PRIOR_KINDS
-from clipsep_jax.files import write_text_atomic
+from clipsep_jax.files import write_text_atomic, write_wav_atomic
 from clipsep_jax.pictures import save_png, spectrogram_picture
 from clipsep_jax.separate import query_file_name, read_image
 
@@ -83,10 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for stem, result in zip(stems, results, strict=True):
             for k, (wave, log_mel) in enumerate(zip(result["waveforms"], result["mels"],
                                                     strict=True)):
-                path = out / f"{stem}_{k}.wav"
-                tmp = path.with_name(f".{path.name}.tmp.wav")
-                soundfile.write(tmp, wave, rate, subtype="FLOAT")
-                tmp.replace(path)
+                path = write_wav_atomic(out / f"{stem}_{k}.wav", wave, rate)
                 save_png(out / f"{stem}_{k}.png", spectrogram_picture(log_mel))
                 print(f"written: {path} (Griffin-Lim waveform)", flush=True)
         write_text_atomic(out / "generation.json", json.dumps({

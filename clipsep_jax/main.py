@@ -90,7 +90,7 @@ def _run(config, workdir: str) -> int:
                     print("\n" + evaluate.format_table(report), flush=True)
                     print(f"evaluation: {path.with_suffix('.md')} and {path.name}", flush=True)
                     for folder in report.get("audio_examples", []):
-                        print(f"example separation: {folder}/", flush=True)
+                        print(f"example: {folder}/", flush=True)
     except train.NonFiniteLossError as e:
         return errors.report(e, code=1)
     except train.Stopped as e:

@@ -59,5 +59,6 @@ def get_config():
     config.clipsonic.prior.split = "held_out"
     config.eval.after_training = True
     config.eval.batch_size = 16
+    config.eval.num_audio_examples = 4  # the first labels as text queries (ZS and PD)
     config.mesh.data = -1
     return config

@@ -81,6 +81,7 @@ def test_training_and_the_denoising_evaluation(trained_clipsonic):
     config.clipsonic.eval.classifier_steps, config.clipsonic.eval.steps = 150, 4
     config.clipsonic.eval.guidance = "0,2"
     config.clipsonic.prior.kind, config.clipsonic.prior.split = "ridge", "test"
+    config.eval.num_audio_examples = 2
     report, path = evaluate.run(config, str(tmp_path), "latest", progress=False)
     assert report["rows"][0]["count"] == 8 and np.isfinite(report["rows"][0]["loss"])
     assert sum(row["count"] for row in report["rows"][1:]) == 8
@@ -95,6 +96,13 @@ def test_training_and_the_denoising_evaluation(trained_clipsonic):
     assert report["floor"]["frechet_distance"] >= 0
     assert "| image (IQ) | 2 | 8 |" in table and "floor (real training vs real test" in table
     assert "| text (PD) | 2 | 8 |" in table and "ridge prior fitted on the test split" in table
+    assert len(report["audio_examples"]) == 2  # the first two labels as text queries
+    for folder in map(Path, report["audio_examples"]):
+        for mode in ("text_zs", "text_pd"):
+            wave, rate = sf.read(folder / f"{mode}.wav")
+            assert rate == 16000 and wave.shape == (16383,) and np.abs(wave).max() > 0
+            assert (folder / f"{mode}.png").is_file()
+    config.eval.num_audio_examples = 0
     # the cached classifier is reused: the same accuracy without training again
     again, _ = evaluate.run(config, str(tmp_path), "latest", progress=False)
     assert again["classifier"] == report["classifier"]

@@ -11,6 +11,9 @@ per example (deterministic), overall and per quarter of the time range.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,7 +34,9 @@ from clipsep_jax.families.clipsonic.model import (
     fixed_time_losses,
 )
 from clipsep_jax.families.clipsonic.prior_baselines import PRIOR_KINDS
+from clipsep_jax.files import write_wav_atomic
 from clipsep_jax.input_pipeline import open_split, sharded_batches
+from clipsep_jax.pictures import save_png, spectrogram_picture
 
 __all__ = ["CLIPSonicFamily"]
 
@@ -176,6 +181,34 @@ class CLIPSonicFamily(Family):
 
     def generator(self, config, variables, **kwargs):
         return Generator(config, variables, **kwargs)
+
+    def write_examples(self, config, variables, folder, count):
+        """For the first ``count`` class labels: ``<label>/text_zs.wav`` (the label as a text
+        query) and, with a prior configured, ``text_pd.wav`` (through the prior), each with
+        its log-mel picture, at the evaluation's largest guidance scale and crop length."""
+        _, metadata = open_split(config.data, config.eval.split)
+        labels = list(metadata.get("labels", []))[:count]
+        if not labels:
+            return []
+        e = config.clipsonic.eval
+        guidance = max(float(w) for w in e.guidance.split(",") if w.strip())
+        generator = Generator(config, variables)
+        settings = dict(num_samples=1, seconds=config.audio.crop_samples
+                        / config.audio.sample_rate, guidance=guidance, steps=e.steps,
+                        seed=config.eval.seed)
+        outputs = {"text_zs": generator.generate(labels, **settings)}
+        if generator.use_prior():
+            outputs["text_pd"] = generator.generate(labels, **settings)
+        folders = []
+        for index, label in enumerate(labels):
+            target = Path(folder) / re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+            target.mkdir(parents=True, exist_ok=True)
+            for mode, results in outputs.items():
+                write_wav_atomic(target / f"{mode}.wav", results[index]["waveforms"][0],
+                                 config.audio.sample_rate)
+                save_png(target / f"{mode}.png", spectrogram_picture(results[index]["mels"][0]))
+            folders.append(target)
+        return folders
 
     def describe_model(self, config) -> str:
         m = config.model
