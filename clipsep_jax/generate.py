@@ -25,7 +25,6 @@ from typing import Any
 
 from clipsep_jax import errors, inference
 from clipsep_jax.families import get_family
-from clipsep_jax.families.clipsonic.prior_baselines import PRIOR_KINDS
 from clipsep_jax.files import write_text_atomic, write_wav_atomic
 from clipsep_jax.pictures import save_png, spectrogram_picture
 from clipsep_jax.separate import query_file_name, read_image
@@ -48,8 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each sample")
     parser.add_argument("--clip", help="the query encoder's hub id or folder")
-    parser.add_argument("--prior", choices=PRIOR_KINDS,
-                        help="text -> image embedding prior for text queries (CLIPSonic-PD)")
+    parser.add_argument("--prior", help="text -> image embedding prior for text queries "
+                        "(CLIPSonic-PD: ridge or retrieval)")
     parser.add_argument("--prior_split", help="the dataset split the prior is fitted on")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace earlier outputs")

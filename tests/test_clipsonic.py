@@ -181,6 +181,8 @@ def test_guidance_changes_what_the_model_generates(trained_clipsonic):
     assert not np.allclose(zero_shot, through_prior)
     with pytest.raises(UserError, match="training split"):
         generator.use_prior("ridge", config.data.train_split)
+    with pytest.raises(UserError, match="prior 'diffusion': expected one of ridge"):
+        generator.use_prior("diffusion")
 
 
 def test_the_web_page_generates(trained_clipsonic, tmp_path):

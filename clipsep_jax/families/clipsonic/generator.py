@@ -25,7 +25,7 @@ from clipsep_jax.encoders.clip import text_prompt
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.clipsonic import diffusion, mel
 from clipsep_jax.families.clipsonic.model import build_model, mel_settings
-from clipsep_jax.families.clipsonic.prior_baselines import fit_prior
+from clipsep_jax.families.clipsonic.prior_baselines import PRIOR_KINDS, fit_prior
 from clipsep_jax.families.clipsonic.waveforms import griffin_lim_from_log_mel
 
 __all__ = ["Generator", "sample_batch"]
@@ -63,6 +63,8 @@ class Generator:
         """Maps text queries through a prior fitted on ``split`` of the run's dataset:
         ``kind`` (one of ``PRIOR_KINDS``), else the config's ``clipsonic.prior.kind``; none
         when both are empty. Returns a description of the prior in use, or None."""
+        if kind and kind not in PRIOR_KINDS:
+            raise UserError(f"prior {kind!r}: expected one of {', '.join(PRIOR_KINDS)}")
         prior = ml_collections.ConfigDict(self.config.clipsonic.prior.to_dict())
         prior.kind = kind or prior.kind
         prior.split = split or prior.split
