@@ -2,16 +2,20 @@ r"""Generate audio from text or image queries with a CLIPSonic model.
 
     python -m clipsep_jax.generate --workdir=RUN --text="a dog barking" [--text=...] \
         [--image=frame.jpg] [--num_samples=K] [--guidance=W] [--steps=S] [--seed=S] \
-        [--seconds=D] [--prior=ridge|retrieval [--prior_split=SPLIT]] --output-dir=DIR
+        [--seconds=D] [--prior=ridge|retrieval [--prior_split=SPLIT]] \
+        [--vocoder=HIFIGAN_CHECKPOINT [--vocoder_config=config.json]] --output-dir=DIR
 
 writes ``DIR/<query made safe>_<k>.wav`` (16 kHz) and ``DIR/<query made safe>_<k>.png`` (its
-log-mel) for each query and sample, and ``DIR/generation.json`` (the settings, and that the
-waveforms come from Griffin-Lim: no neural vocoder yet). ``--checkpoint`` takes a pretrained
+log-mel) for each query and sample, and ``DIR/generation.json`` (the settings, and what made
+the waveforms: Griffin-Lim or the vocoder). ``--checkpoint`` takes a pretrained
 folder or hub id or a model directory in place of ``--workdir``. Existing files are refused
 unless ``--overwrite``. ``--prior`` (CLIPSonic-PD) maps each text query's CLIP embedding to an
 image embedding before generation, with a prior fitted on another split of the run's dataset
 (``--prior_split``, default the run's ``clipsonic.prior.split``); without it, a run whose config
 names a prior uses that one, and other text queries go in as they are (CLIPSonic-ZS).
+``--vocoder`` turns the log-mels into waveforms with a HiFi-GAN generator checkpoint (the
+reference's layout and config.json; its mel settings must be the model's) instead of
+Griffin-Lim.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prior", help="text -> image embedding prior for text queries "
                         "(CLIPSonic-PD: ridge or retrieval)")
     parser.add_argument("--prior_split", help="the dataset split the prior is fitted on")
+    parser.add_argument("--vocoder", help="HiFi-GAN generator checkpoint (default: Griffin-Lim)")
+    parser.add_argument("--vocoder_config", help="its config.json (default: beside it)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace earlier outputs")
     args = parser.parse_args(argv)
@@ -64,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, variables = inference.load_for_inference(args.checkpoint or args.workdir)
         generator = get_family(config).generator(config, variables, encoder=args.clip)
         prior = generator.use_prior(args.prior, args.prior_split)
+        vocoder = (generator.use_vocoder(args.vocoder, args.vocoder_config) if args.vocoder
+                   else "Griffin-Lim")
         out = Path(args.output_dir)
         taken: set[str] = set()
         stems = [query_file_name(name, taken) for name in names]
@@ -82,12 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                     strict=True)):
                 path = write_wav_atomic(out / f"{stem}_{k}.wav", wave, rate)
                 save_png(out / f"{stem}_{k}.png", spectrogram_picture(log_mel))
-                print(f"written: {path} (Griffin-Lim waveform)", flush=True)
+                print(f"written: {path} ({vocoder} waveform)", flush=True)
         write_text_atomic(out / "generation.json", json.dumps({
             "queries": names, "files": [str(p.name) for p in planned],
             "num_samples": args.num_samples, "guidance": args.guidance, "steps": args.steps,
             "seed": args.seed, "seconds": args.seconds, "sample_rate": rate,
-            "waveforms": "Griffin-Lim from the generated log-mel (no neural vocoder yet)",
+            "waveforms": (f"{vocoder} from the generated log-mel" if args.vocoder else
+                          "Griffin-Lim from the generated log-mel (no vocoder given)"),
             "prior": prior,
             "model": str(args.checkpoint or args.workdir)}, indent=1))
     except errors.USER_ERRORS as e:

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from PIL import Image
 from test_sharding import global_relative_difference
 from test_training import changed_fields, kill_after_a_checkpoint_and_resume
@@ -210,3 +211,29 @@ def test_the_web_page_generates(trained_clipsonic, tmp_path):
     with pytest.raises(SeparationError, match="bad.png: cannot read the image"):
         page.run("", str(tmp_path / "bad.png"), 1.0, 1, 0)
     assert build_generation_app(page, "t") is not None
+
+
+def test_the_generator_uses_a_hifigan_vocoder(trained_clipsonic, tmp_path):
+    from test_vocoder import OLD_NORM, ReferenceGenerator, randomise
+
+    from clipsep_jax.families.clipsonic.generator import Generator
+
+    _, workdir = trained_clipsonic
+    layout = {"resblock": "1", "upsample_rates": [8, 8, 4], "upsample_kernel_sizes": [16, 16, 8],
+              "upsample_initial_channel": 16, "resblock_kernel_sizes": [3],
+              "resblock_dilation_sizes": [[1, 3]]}
+    reference = ReferenceGenerator(layout, 32, OLD_NORM).eval()  # the tiny model's 32 bands
+    randomise(reference, 4)
+    mel_settings = {"sampling_rate": 16000, "num_mels": 32, "hop_size": 256, "n_fft": 1024,
+                    "win_size": 1024, "fmin": 0, "fmax": 8000}
+    (tmp_path / "config.json").write_text(json.dumps({**layout, **mel_settings}))
+    torch.save({"generator": reference.state_dict()}, tmp_path / "g_1")
+    generator = Generator.from_checkpoint(str(workdir))
+    assert generator.use_vocoder(str(tmp_path / "g_1")).startswith("HiFi-GAN")
+    result = generator.generate(["tuba"], num_samples=1, seconds=0.5, steps=4, seed=3)[0]
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(result["mels"])).numpy()[:, 0, :8000]
+    np.testing.assert_allclose(result["waveforms"], expected, atol=1e-4)
+    (tmp_path / "other.json").write_text(json.dumps({**layout, **mel_settings, "num_mels": 80}))
+    with pytest.raises(UserError, match="'num_mels': \\(80, 32\\)"):
+        generator.use_vocoder(str(tmp_path / "g_1"), str(tmp_path / "other.json"))

@@ -26,6 +26,7 @@ from clipsep_jax.errors import UserError
 from clipsep_jax.families.clipsonic import diffusion, mel
 from clipsep_jax.families.clipsonic.model import build_model, mel_settings
 from clipsep_jax.families.clipsonic.prior_baselines import PRIOR_KINDS, fit_prior
+from clipsep_jax.families.clipsonic.vocoder import hop_length, load_hifigan
 from clipsep_jax.families.clipsonic.waveforms import griffin_lim_from_log_mel
 
 __all__ = ["Generator", "sample_batch"]
@@ -46,6 +47,7 @@ class Generator:
         self.variables = jax.device_put(variables)
         self._encoder = encoder
         self.prior: Any = None  # text embeddings [N, D] -> image embeddings (CLIPSonic-PD)
+        self.vocoder: Any = None  # log-mels [B, n_mels, T] -> waveforms; None: Griffin-Lim
         self.settings = mel_settings(config)
         self._sample = jax.jit(functools.partial(_sample, config),
                                static_argnames=("num_samples", "steps", "frames"))
@@ -75,6 +77,25 @@ class Generator:
         config.clipsonic.prior = prior
         self.prior = fit_prior(config)
         return f"{prior.kind} fitted on the {prior.split} split of {config.data.data_dir}"
+
+    def use_vocoder(self, checkpoint: str, config_file: str | None = None) -> str:
+        """Waveforms from a HiFi-GAN generator checkpoint (the reference's layout) instead of
+        Griffin-Lim; its mel settings must be the model's (sample rate, bands, hop, FFT size,
+        frequency range), else UserError naming them. Returns a description."""
+        generator, params, vocoder_config = load_hifigan(checkpoint, config_file)
+        s = self.settings
+        wanted = {"sampling_rate": s.sample_rate, "num_mels": s.n_mels,
+                  "hop_size": s.hop_length, "n_fft": s.n_fft, "win_size": s.win_length,
+                  "fmin": s.fmin, "fmax": s.fmax}
+        differ = {k: (vocoder_config.get(k), v) for k, v in wanted.items()
+                  if k in vocoder_config and float(vocoder_config[k]) != float(v)}
+        if hop_length(generator) != s.hop_length:
+            differ["upsample_rates (product)"] = (hop_length(generator), s.hop_length)
+        if differ:
+            raise UserError(f"{checkpoint}: the vocoder's mel settings (vocoder, model) differ: "
+                            f"{differ}; resampling vocoders are not supported yet")
+        self.vocoder = jax.jit(lambda m: generator.apply({"params": params}, m))
+        return f"HiFi-GAN {checkpoint}"
 
     @property
     def encoder(self):
@@ -110,7 +131,8 @@ class Generator:
                  seconds: float = 4.0, guidance: float = 3.0, steps: int = 50, seed: int = 0,
                  griffin_lim_iterations: int = 64) -> list[dict[str, np.ndarray]]:
         """Per query: ``mels`` [K, n_mels, T] (log-mel, not normalised) and ``waveforms``
-        [K, samples] (Griffin-Lim, 16 kHz), K = ``num_samples``; deterministic for ``seed``."""
+        [K, samples] (16 kHz; the vocoder's when one is in use, else Griffin-Lim),
+        K = ``num_samples``; deterministic for ``seed``."""
         if num_samples < 1 or steps < 1 or seconds <= 0:
             raise UserError(f"num_samples={num_samples}, steps={steps}, seconds={seconds}: "
                             "each must be positive")
@@ -124,8 +146,11 @@ class Generator:
                                       num_samples=num_samples, steps=steps, frames=frames,
                                       guidance=guidance)
             log_mels = mel.denormalize(normalised, self.settings)
-            waves = self._vocode(log_mels, iterations=griffin_lim_iterations,
-                                 key=jax.random.fold_in(key, 1))
+            if self.vocoder is not None:
+                waves = self.vocoder(log_mels)
+            else:
+                waves = self._vocode(log_mels, iterations=griffin_lim_iterations,
+                                     key=jax.random.fold_in(key, 1))
             results.append({"mels": np.asarray(log_mels),
                             "waveforms": np.asarray(waves)[:, :samples]})
         return results
