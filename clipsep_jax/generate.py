@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each sample")
     parser.add_argument("--clip", help="the query encoder's hub id or folder")
     parser.add_argument("--prior", help="text -> image embedding prior for text queries "
-                        "(CLIPSonic-PD: ridge or retrieval)")
+                        "(CLIPSonic-PD: ridge or retrieval; none: the text as it is)")
     parser.add_argument("--prior_split", help="the dataset split the prior is fitted on")
     parser.add_argument("--vocoder", help="HiFi-GAN generator checkpoint (default: Griffin-Lim)")
     parser.add_argument("--vocoder_config", help="its config.json (default: beside it)")
@@ -69,7 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise errors.UserError("no queries: give --text and/or --image")
         config, variables = inference.load_for_inference(args.checkpoint or args.workdir)
         generator = get_family(config).generator(config, variables, encoder=args.clip)
-        prior = generator.use_prior(args.prior, args.prior_split)
+        # A prior maps text queries only; "none" asks for them as they are (ZS) even when the
+        # run's config names one.
+        prior = (generator.use_prior(args.prior, args.prior_split)
+                 if args.text and args.prior != "none" else None)
         vocoder = (generator.use_vocoder(args.vocoder, args.vocoder_config) if args.vocoder
                    else "Griffin-Lim")
         out = Path(args.output_dir)

@@ -4,7 +4,10 @@ centre (CLIPSonic-IQ; query it with text for -ZS). ``--config.query.mode=text`` 
 CLIPSonic-SD on the label prompts.
 
 VGGSound's 309 classes are far more varied than MUSIC's 11 instruments, so the model is wider and
-trains longer; the evaluation classifier gets more steps and crops to pass its accuracy bar.
+trains longer, and the evaluation classifier gets more steps and crops. A classifier trained
+from scratch on 4 s crops of 309 classes is unlikely to reach the 0.95 accuracy the generation
+metrics require (``clipsonic.eval.classifier_min_accuracy``): the evaluation then reports its
+accuracy and no relevance or Frechet rows. Lowering the bar is a deliberate choice to state.
 """
 
 from clipsep_jax.config import default_config

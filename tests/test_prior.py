@@ -41,6 +41,10 @@ def save_checkpoint(reference, path, seed=5):
                 "version": Version("1.1.0"), "step": torch.tensor([1234])}, path)
 
 
+class Stand_in:  # noqa: N801 (a pickled object of a class not on the allow list)
+    """Stands in for the warmup scheduler a DALLE2-pytorch trainer checkpoint pickles."""
+
+
 def make_reference(variant, num_timesteps=1000, **sizes):
     settings = dict(dim=DIM, depth=2, dim_head=16, heads=4, num_timesteps=num_timesteps,
                     variant=variant, **sizes)
@@ -106,6 +110,9 @@ def test_converter_refuses_foreign_keys_and_schedules(tmp_path):
     torch.save(missing, tmp_path / "missing.pth")
     with pytest.raises(UserError, match="feed_forward_1/norm/g"):
         load_prior_checkpoint(str(tmp_path / "missing.pth"))
+    torch.save({"ema_model": state, "warmup_scheduler": Stand_in()}, tmp_path / "objects.pth")
+    with pytest.raises(UserError, match="pickled Python objects besides tensors"):
+        load_prior_checkpoint(str(tmp_path / "objects.pth"))
     torch.save({"model": {"weight": torch.zeros(2)}}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="not a DALLE2-pytorch diffusion prior"):
         load_prior_checkpoint(str(tmp_path / "other.pth"))
@@ -138,8 +145,7 @@ def test_ddim_with_an_exact_denoiser_returns_its_target_and_picks_the_best_of_k(
         return jnp.repeat(jnp.asarray(target), 2, axis=0) * scale
 
     out = sample_prior(exact, jnp.asarray(text), None, jax.random.key(0), steps=16)
-    abar0 = cosine_schedule(1000)["alphas_cumprod"][0]
-    np.testing.assert_allclose(np.asarray(out), target * np.sqrt(abar0), atol=2e-3)
+    np.testing.assert_allclose(np.asarray(out), target, atol=1e-5)  # the last step is x0
 
     near, far = text * 2.0, -text
 
@@ -148,4 +154,4 @@ def test_ddim_with_an_exact_denoiser_returns_its_target_and_picks_the_best_of_k(
         return both * scale
 
     out = sample_prior(two_targets, jnp.asarray(text), None, jax.random.key(1), steps=16)
-    np.testing.assert_allclose(np.asarray(out), near * np.sqrt(abar0), atol=5e-3)
+    np.testing.assert_allclose(np.asarray(out), near, atol=1e-5)

@@ -29,14 +29,18 @@ class ReferenceResBlock(nn.Module):
     def __init__(self, channels, kernel, dilations, kind, norm):
         super().__init__()
         self.kind = kind
-        self.convs1 = nn.ModuleList(norm(nn.Conv1d(channels, channels, kernel, 1, same(kernel, d),
-                                                   dilation=d)) for d in dilations)
+        dilated = nn.ModuleList(norm(nn.Conv1d(channels, channels, kernel, 1, same(kernel, d),
+                                               dilation=d)) for d in dilations)
+        if kind == "2":  # the reference's ResBlock2 names its one stack "convs"
+            self.convs = dilated
+            return
+        self.convs1 = dilated
         if kind == "1":
             self.convs2 = nn.ModuleList(norm(nn.Conv1d(channels, channels, kernel, 1,
                                                        same(kernel))) for _ in dilations)
 
     def forward(self, x):
-        for j, conv in enumerate(self.convs1):
+        for j, conv in enumerate(self.convs if self.kind == "2" else self.convs1):
             h = conv(nn.functional.leaky_relu(x, 0.1))
             if self.kind == "1":
                 h = self.convs2[j](nn.functional.leaky_relu(h, 0.1))
@@ -146,3 +150,11 @@ def test_a_saved_reference_checkpoint_loads(tmp_path):
                                expected, atol=1e-4)
     with pytest.raises(UserError, match="no vocoder config"):
         load_hifigan(str(tmp_path / "g_00100000"), str(tmp_path / "missing.json"))
+
+
+def test_weights_of_another_layout_are_named():
+    reference = ReferenceGenerator(SMALL_V1, 20, OLD_NORM)
+    state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+    wider = HiFiGANGenerator(**hifigan_settings({**SMALL_V1, "upsample_initial_channel": 64}))
+    with pytest.raises(UserError, match="conv_pre/kernel"):
+        params_from_hifigan_state_dict(state, wider)

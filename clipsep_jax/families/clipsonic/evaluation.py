@@ -143,7 +143,7 @@ def generation_metrics(config: ml_collections.ConfigDict, variables: dict, *,
         text_mode: np.stack([np.asarray(test_source[i]["text_embedding"], np.float32)
                              for i in range(count)]),
     }
-    if config.clipsonic.prior.kind:  # CLIPSonic-PD: the test texts through the prior
+    if config.clipsonic.prior.kind and config.query.mode != "text":  # CLIPSonic-PD
         conditions["text_pd"] = fit_prior(config)(conditions[text_mode])
         out["prior"] = {"kind": config.clipsonic.prior.kind,
                         "split": config.clipsonic.prior.split}

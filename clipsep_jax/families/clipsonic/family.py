@@ -111,9 +111,19 @@ class CLIPSonicFamily(Family):
             raise UserError(f"config.clipsonic.mel.n_mels={config.clipsonic.mel.n_mels} is "
                             f"not a multiple of {multiple} (the 2D U-Net halves it)")
         prior = config.clipsonic.prior
-        if prior.kind and prior.split == config.data.train_split:
+        if prior.kind and prior.split in (config.data.train_split, config.eval.split):
             raise UserError(f"config.clipsonic.prior.split={prior.split!r} is the generator's "
-                            "training split: fit the prior on other data")
+                            "training split or the evaluation's: fit the prior on other data")
+        if prior.ridge_l2 <= 0 or prior.top_k < 1:
+            raise UserError(f"config.clipsonic.prior.ridge_l2={prior.ridge_l2} and top_k="
+                            f"{prior.top_k}: must be > 0 and >= 1")
+        try:
+            scales = [float(w) for w in config.clipsonic.eval.guidance.split(",") if w.strip()]
+        except ValueError:
+            scales = []
+        if not scales:
+            raise UserError(f"config.clipsonic.eval.guidance={config.clipsonic.eval.guidance!r}"
+                            ": expected comma-separated numbers")
         if not 0.0 <= config.clipsonic.condition_dropout < 1.0:
             raise UserError(f"config.clipsonic.condition_dropout="
                             f"{config.clipsonic.condition_dropout}: must be in [0, 1)")
@@ -182,7 +192,8 @@ class CLIPSonicFamily(Family):
     def generator(self, config, variables, **kwargs):
         return Generator(config, variables, **kwargs)
 
-    def write_examples(self, config, variables, folder, count):
+    def write_examples(self, config: ml_collections.ConfigDict, variables: dict, folder: Path,
+                       count: int) -> list[Path]:
         """For the first ``count`` class labels: ``<label>/text_zs.wav`` (the label as a text
         query) and, with a prior configured, ``text_pd.wav`` (through the prior), each with
         its log-mel picture, at the evaluation's largest guidance scale and crop length."""
@@ -195,13 +206,13 @@ class CLIPSonicFamily(Family):
         generator = Generator(config, variables)
         settings = dict(num_samples=1, seconds=config.audio.crop_samples
                         / config.audio.sample_rate, guidance=guidance, steps=e.steps,
-                        seed=config.eval.seed)
+                        seed=config.eval.seed, griffin_lim_iterations=e.griffin_lim_iterations)
         outputs = {"text_zs": generator.generate(labels, **settings)}
-        if generator.use_prior():
+        if config.query.mode != "text" and generator.use_prior():
             outputs["text_pd"] = generator.generate(labels, **settings)
         folders = []
         for index, label in enumerate(labels):
-            target = Path(folder) / re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+            target = Path(folder) / f"{index:03d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}"
             target.mkdir(parents=True, exist_ok=True)
             for mode, results in outputs.items():
                 write_wav_atomic(target / f"{mode}.wav", results[index]["waveforms"][0],

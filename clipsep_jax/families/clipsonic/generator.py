@@ -4,8 +4,9 @@ A text query is embedded by the model's CLIP text tower (the config's ``query.te
 "a photo of {query}": CLIPSonic-ZS for a model trained on image embeddings, -SD for one trained
 on text), an image query by its vision tower (CLIPSonic-IQ). DDIM with classifier-free guidance
 (:func:`clipsonic.diffusion.ddim_sample`) draws ``num_samples`` log-mels per query, and
-Griffin-Lim (:mod:`clipsonic.waveforms`) turns them into 16 kHz waveforms until a neural vocoder
-exists.
+Griffin-Lim (:mod:`clipsonic.waveforms`) or a HiFi-GAN checkpoint (:meth:`Generator.use_vocoder`)
+turns them into 16 kHz waveforms; :meth:`Generator.use_prior` maps text queries through a
+CLIPSonic-PD prior.
 """
 
 from __future__ import annotations
@@ -71,8 +72,14 @@ class Generator:
         prior.kind = kind or prior.kind
         prior.split = split or prior.split
         if not prior.kind:
+            if split:
+                raise UserError(f"a prior split ({split!r}) but no prior: name one "
+                                f"({', '.join(PRIOR_KINDS)})")
             self.prior = None
             return None
+        if self.config.query.mode == "text":
+            raise UserError("this model was trained on text embeddings (CLIPSonic-SD): a "
+                            "text -> image embedding prior does not apply to it")
         config = ml_collections.ConfigDict(self.config.to_dict())
         config.clipsonic.prior = prior
         self.prior = fit_prior(config)

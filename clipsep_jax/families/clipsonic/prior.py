@@ -48,13 +48,13 @@ ROTARY_MAX_DIM = 32
 
 class GainLayerNorm(nn.Module):
     """LayerNorm with a gain ``g`` and no bias (eps 1e-5); ``stable`` divides each row by its
-    maximum first (a no-op for the normalised result up to rounding, kept for parity)."""
+    maximum first, as the reference's final norm does."""
 
     stable: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.stable:
+        if self.stable:  # kept for parity with the reference (it also changes how eps acts)
             x = x / jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
@@ -231,7 +231,8 @@ def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008) -> dict[str, np
 
 
 def ddim_time_pairs(num_timesteps: int, steps: int) -> list[tuple[int, int]]:
-    """LAION's DDIM grid: (t, t_next) from about T down to 0, ``steps`` pairs."""
+    """LAION's DDIM grid (DALLE2-pytorch 1.1.0): (t, t_next) from about T down to 0, ``steps``
+    pairs; used for both variants (the current code's grid ends one step differently)."""
     times = np.linspace(0, num_timesteps, steps + 2)[:-1].astype(np.int64)[::-1]
     return list(zip(times[:-1].tolist(), times[1:].tolist(), strict=True))
 
@@ -249,7 +250,11 @@ def sample_prior(apply_fn: Any, text_embed: jax.Array, text_encodings: jax.Array
     scale = math.sqrt(dim)
     texts = jnp.repeat(text_embed, best_of, axis=0)
     encodings = None if text_encodings is None else jnp.repeat(text_encodings, best_of, axis=0)
-    abar = jnp.asarray(cosine_schedule(num_timesteps)["alphas_cumprod"], jnp.float32)
+    schedule = cosine_schedule(num_timesteps)["alphas_cumprod"]
+    abar = jnp.asarray(schedule, jnp.float32)
+    # The reference's DDIM indexes alphas_cumprod_prev for the step's coefficients (so the last
+    # step, to t = 0, returns x0 itself) and alphas_cumprod for the noise estimate.
+    abar_prev = jnp.asarray(np.concatenate([[1.0], schedule[:-1]]), jnp.float32)
     pairs = jnp.asarray(ddim_time_pairs(num_timesteps, steps), jnp.int32)
     n = batch * best_of
     keep = jnp.zeros((n,), bool)
@@ -266,8 +271,8 @@ def sample_prior(apply_fn: Any, text_embed: jax.Array, text_encodings: jax.Array
         x, key = carry
         t, t_next = pairs[i, 0], pairs[i, 1]
         x0 = predict(x, t)
-        a, a_next = abar[t], abar[t_next]
-        eps = (x / jnp.sqrt(a) - x0) / jnp.sqrt(1.0 / a - 1.0)
+        eps = (x / jnp.sqrt(abar[t]) - x0) / jnp.sqrt(1.0 / abar[t] - 1.0)
+        a, a_next = abar_prev[t], abar_prev[t_next]
         c1 = eta * jnp.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
         c2 = jnp.sqrt(jnp.maximum(1 - a_next - c1**2, 0.0))
         key, noise_key = jax.random.split(key)

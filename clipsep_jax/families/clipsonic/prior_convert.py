@@ -43,14 +43,20 @@ def read_prior_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
         import torch  # optional ([convert] extra): only PyTorch pickles need it
     except ImportError as e:
-        raise ImportError(f"{path} is a PyTorch pickle; reading it needs torch "
-                          "(pip install 'clipsep-jax[convert]')") from e
+        raise UserError(f"{path} is a PyTorch pickle; reading it needs torch "
+                        "(pip install 'clipsep-jax[convert]')") from e
     try:
         with torch.serialization.safe_globals(_packaging_globals()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise UserError(f"{path}: no such prior checkpoint") from e
     except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(
+                f"{path}: holds pickled Python objects besides tensors (a trainer checkpoint's "
+                "optimizer or warmup scheduler, say), which are not loaded unchecked; save its "
+                "EMA model's state dict alone where you trust the file: torch.save(torch.load("
+                "f, weights_only=False)['ema_model'], 'prior.pth')") from e
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
     if not isinstance(checkpoint, Mapping):
         raise UserError(f"{path}: expected a dict, got {type(checkpoint).__name__}")
@@ -140,7 +146,8 @@ def prior_from_state_dict(state: Mapping[str, np.ndarray], source: str = "the ch
             put(_TOP[key][0], value, _TOP[key][1])
         elif key.startswith("noise_scheduler."):
             name = key.removeprefix("noise_scheduler.")
-            if name == "alphas_cumprod" and not np.allclose(value, schedule[name], atol=1e-5):
+            if name == "alphas_cumprod" and (value.shape != schedule[name].shape or
+                                             not np.allclose(value, schedule[name], atol=1e-5)):
                 raise UserError(f"{source}: its noise schedule is not the cosine schedule "
                                 "this prior samples with")
         elif m := _LAYER.match(key):

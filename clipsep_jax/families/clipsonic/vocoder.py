@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from clipsep_jax.errors import UserError
 
@@ -132,9 +133,10 @@ def params_from_hifigan_state_dict(state: Mapping[str, np.ndarray],
                                    generator: HiFiGANGenerator,
                                    source: str = "the checkpoint") -> dict[str, Any]:
     """The reference generator's state dict (``conv_pre``, ``ups.i``, ``resblocks.k.convs1.j``
-    / ``convs2.j``, ``conv_post``; weight norm as ``weight_g``/``weight_v`` or the
-    parametrization keys, or plain ``weight``) -> Flax params for ``generator``. Unknown or
-    missing keys are refused by name."""
+    / ``convs2.j`` (type "1") or ``resblocks.k.convs.j`` (type "2"), ``conv_post``; weight
+    norm as ``weight_g``/``weight_v`` or the parametrization keys, or plain ``weight``) -> Flax
+    params for ``generator``. Unknown or missing keys, and shapes that are not the generator's,
+    are refused by name."""
     weights: dict[str, np.ndarray] = {}
     used: set[str] = set()
     for key in state:
@@ -168,14 +170,25 @@ def params_from_hifigan_state_dict(state: Mapping[str, np.ndarray],
             raise UserError(f"{source}: missing {name}.weight or {name}.bias")
         params[f"ups_{i}"] = {"kernel": weights.pop(name), "bias": biases.pop(name)}
     blocks = len(generator.upsample_rates) * len(generator.resblock_kernel_sizes)
-    pattern = re.compile(r"resblocks\.(\d+)\.(convs[12])\.(\d+)")
+    # ResBlock1 keeps convs1 / convs2; ResBlock2 (V3) keeps one stack named convs.
+    pattern = re.compile(r"resblocks\.(\d+)\.(convs[12]?)\.(\d+)")
     for prefix in sorted(p for p in list(weights) if pattern.fullmatch(p)):
         block, stack, j = pattern.fullmatch(prefix).groups()
         if int(block) >= blocks:
             raise UserError(f"{source}: {prefix} is beyond the {blocks} residual blocks")
+        stack = "convs1" if stack == "convs" else stack
         params.setdefault(f"resblocks_{block}", {})[f"{stack}_{j}"] = conv(prefix)
     if weights:
         raise UserError(f"{source}: unexpected keys {sorted(weights)[:5]}")
+    n_mels = params["conv_pre"]["kernel"].shape[1]
+    shapes = jax.eval_shape(lambda: generator.init(jax.random.key(0),
+                                                   jnp.zeros((1, n_mels, 4))))["params"]
+    expected = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
+    got = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(params).items()}
+    wrong = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
+    if wrong:
+        raise UserError(f"{source}: weights (found, expected for the config) differ: "
+                        f"{dict(list(wrong.items())[:5])}")
     return params
 
 
@@ -210,6 +223,8 @@ def load_hifigan(checkpoint: str, config_file: str | None = None
     the checkpoint) -> (generator, Flax params, the config: ``sampling_rate``, ``num_mels``,
     ``hop_size``, ``fmin``, ``fmax``, ... as the reference names them)."""
     path = Path(checkpoint)
+    if not path.is_file():
+        raise UserError(f"{path}: no such vocoder checkpoint")
     config_path = Path(config_file) if config_file else path.parent / "config.json"
     try:
         config = json.loads(config_path.read_text())
@@ -221,8 +236,8 @@ def load_hifigan(checkpoint: str, config_file: str | None = None
     try:
         import torch  # optional ([convert] extra): only PyTorch pickles need it
     except ImportError as e:
-        raise ImportError(f"{path} is a PyTorch pickle; reading it needs torch "
-                          "(pip install 'clipsep-jax[convert]')") from e
+        raise UserError(f"{path} is a PyTorch pickle; reading it needs torch "
+                        "(pip install 'clipsep-jax[convert]')") from e
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
