@@ -234,6 +234,8 @@ def test_the_generator_uses_a_hifigan_vocoder(trained_clipsonic, tmp_path):
     with torch.no_grad():
         expected = reference(torch.from_numpy(result["mels"])).numpy()[:, 0, :8000]
     np.testing.assert_allclose(result["waveforms"], expected, atol=1e-4)
+    (tmp_path / "nyquist.json").write_text(json.dumps({**layout, **mel_settings, "fmax": None}))
+    generator.use_vocoder(str(tmp_path / "g_1"), str(tmp_path / "nyquist.json"))  # null: 8 kHz
     (tmp_path / "other.json").write_text(json.dumps({**layout, **mel_settings, "num_mels": 80}))
     with pytest.raises(UserError, match="'num_mels': \\(80, 32\\)"):
         generator.use_vocoder(str(tmp_path / "g_1"), str(tmp_path / "other.json"))

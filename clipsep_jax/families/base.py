@@ -156,7 +156,10 @@ class Family(abc.ABC):
 
     def generator(self, config: ml_collections.ConfigDict, variables: dict, **kwargs: Any):
         """An object with ``generate(queries, num_samples=, seconds=, guidance=, steps=,
-        seed=)`` -> per query {"mels", "waveforms"} (see
+        seed=)`` -> per query {"mels", "waveforms"}, ``use_prior(kind, split)`` (text queries
+        through a prior; returns its description or None) and ``use_vocoder(checkpoint,
+        config_file)`` (waveforms from a vocoder; returns its description), raising UserError
+        for what the model cannot do (see
         :class:`clipsep_jax.families.clipsonic.generator.Generator`)."""
         raise UserError(f"model kind {config.model.kind!r} does not generate audio")
 

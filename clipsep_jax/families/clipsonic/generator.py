@@ -88,12 +88,17 @@ class Generator:
     def use_vocoder(self, checkpoint: str, config_file: str | None = None) -> str:
         """Waveforms from a HiFi-GAN generator checkpoint (the reference's layout) instead of
         Griffin-Lim; its mel settings must be the model's (sample rate, bands, hop, FFT size,
-        frequency range), else UserError naming them. Returns a description."""
+        frequency range), else UserError naming them. The reference frames its mels without
+        centring ((n_fft - hop) / 2 reflect padding) and the model's are centred, so its
+        waveforms lag by about half a hop (8 ms at 16 kHz). Returns a description."""
         generator, params, vocoder_config = load_hifigan(checkpoint, config_file)
         s = self.settings
         wanted = {"sampling_rate": s.sample_rate, "num_mels": s.n_mels,
                   "hop_size": s.hop_length, "n_fft": s.n_fft, "win_size": s.win_length,
                   "fmin": s.fmin, "fmax": s.fmax}
+        if vocoder_config.get("fmax") is None and "fmax" in vocoder_config:
+            vocoder_config = {**vocoder_config,  # the reference's null fmax: up to Nyquist
+                              "fmax": vocoder_config.get("sampling_rate", s.sample_rate) / 2}
         differ = {k: (vocoder_config.get(k), v) for k, v in wanted.items()
                   if k in vocoder_config and float(vocoder_config[k]) != float(v)}
         if hop_length(generator) != s.hop_length:
