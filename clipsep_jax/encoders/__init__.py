@@ -11,6 +11,9 @@ Every encoder has the same interface (:class:`QueryEncoder`): ``from_pretrained(
   images only: the SOP baseline's frame vectors;
 - ``bert`` (:mod:`clipsep_jax.encoders.bert`): a BERT-family text encoder, text only: the
   BERTSep baseline's label vectors.
+- ``clap`` (:mod:`clipsep_jax.encoders.clap`): LAION-CLAP's text and audio towers
+  (:mod:`clipsep_jax.encoders.clap_towers`), text and audio only (no ``encode_image``), with
+  ``encode_audio`` and a differentiable audio path for losses.
 
 :func:`load_query_encoder` loads the encoder a config's ``query`` section names, with its
 options. Shared loading and batching code is in :mod:`clipsep_jax.encoders.common`.
@@ -33,6 +36,7 @@ ENCODERS = {
     "clip": "clipsep_jax.encoders.clip:CLIP",
     "resnet": "clipsep_jax.encoders.resnet:ResNet",
     "bert": "clipsep_jax.encoders.bert:BERT",
+    "clap": "clipsep_jax.encoders.clap:CLAP",
 }
 
 
