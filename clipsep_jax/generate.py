@@ -2,8 +2,10 @@ r"""Generate audio from text or image queries with a CLIPSonic model.
 
     python -m clipsep_jax.generate --workdir=RUN --text="a dog barking" [--text=...] \
         [--image=frame.jpg] [--num_samples=K] [--guidance=W] [--steps=S] [--seed=S] \
-        [--seconds=D] [--prior=ridge|retrieval [--prior_split=SPLIT]] \
-        [--vocoder=HIFIGAN_CHECKPOINT [--vocoder_config=config.json]] --output-dir=DIR
+        [--seconds=D] [--prior=ridge|retrieval [--prior_split=SPLIT] |
+         --prior=diffusion --prior_checkpoint=PRIOR_RUN] \
+        [--vocoder=VOCODER_RUN | --vocoder=HIFIGAN_CHECKPOINT [--vocoder_config=config.json]] \
+        --output-dir=DIR
 
 writes ``DIR/<query made safe>_<k>.wav`` (16 kHz) and ``DIR/<query made safe>_<k>.png`` (its
 log-mel) for each query and sample, and ``DIR/generation.json`` (the settings, and what made
@@ -11,11 +13,12 @@ the waveforms: Griffin-Lim or the vocoder). ``--checkpoint`` takes a pretrained
 folder or hub id or a model directory in place of ``--workdir``. Existing files are refused
 unless ``--overwrite``. ``--prior`` (CLIPSonic-PD) maps each text query's CLIP embedding to an
 image embedding before generation, with a prior fitted on another split of the run's dataset
-(``--prior_split``, default the run's ``clipsonic.prior.split``); without it, a run whose config
-names a prior uses that one, and other text queries go in as they are (CLIPSonic-ZS).
-``--vocoder`` turns the log-mels into waveforms with a HiFi-GAN generator checkpoint (the
-reference's layout and config.json; its mel settings must be the model's) instead of
-Griffin-Lim.
+(``--prior_split``, default the run's ``clipsonic.prior.split``) or a trained diffusion prior
+(``--prior=diffusion --prior_checkpoint``); without it, a run whose config names a prior uses
+that one, and other text queries go in as they are (CLIPSonic-ZS). ``--vocoder`` turns the
+log-mels into waveforms with a vocoder trained here (a run of model kind ``istft`` or
+``hifigan``) or a HiFi-GAN generator checkpoint (the reference's layout and config.json; 22.05
+kHz ones through resampling) instead of Griffin-Lim; its mel bands must be the model's.
 """
 
 from __future__ import annotations
@@ -52,9 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each sample")
     parser.add_argument("--clip", help="the query encoder's hub id or folder")
     parser.add_argument("--prior", help="text -> image embedding prior for text queries "
-                        "(CLIPSonic-PD: ridge or retrieval; none: the text as it is)")
+                        "(CLIPSonic-PD: ridge, retrieval or diffusion; none: the text as it is)")
     parser.add_argument("--prior_split", help="the dataset split the prior is fitted on")
-    parser.add_argument("--vocoder", help="HiFi-GAN generator checkpoint (default: Griffin-Lim)")
+    parser.add_argument("--prior_checkpoint",
+                        help="the diffusion prior (--prior=diffusion): a run of model kind "
+                             "diffusion_prior (workdir or model directory) or LAION's file")
+    parser.add_argument("--vocoder", help="a vocoder run (kind istft or hifigan) or a HiFi-GAN "
+                        "generator checkpoint file (default: Griffin-Lim)")
     parser.add_argument("--vocoder_config", help="its config.json (default: beside it)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace earlier outputs")
@@ -71,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         generator = get_family(config).generator(config, variables, encoder=args.clip)
         # A prior maps text queries only; "none" asks for them as they are (ZS) even when the
         # run's config names one.
-        prior = (generator.use_prior(args.prior, args.prior_split)
+        prior = (generator.use_prior(args.prior, args.prior_split, args.prior_checkpoint)
                  if args.text and args.prior != "none" else None)
         vocoder = (generator.use_vocoder(args.vocoder, args.vocoder_config) if args.vocoder
                    else "Griffin-Lim")

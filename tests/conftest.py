@@ -153,3 +153,42 @@ def trained_workdir(tmp_path_factory, generated_dataset, tiny_clip_folder):
         f.write(config.to_json_best_effort())
     train.train_and_evaluate(config, str(workdir))
     return str(workdir)
+
+
+def tiny_clipsonic(data_dir="", **train_overrides):
+    """A CLIPSonic config small enough for the tests."""
+    from clipsep_jax.config import default_config
+
+    config = default_config("clipsonic")
+    config.data.data_dir = data_dir
+    config.data.num_workers = 0
+    config.model.widths = (16, 32)
+    config.model.blocks_per_level = 1
+    config.model.embedding_dim = 32
+    config.model.condition_dim = 40  # the tests' tiny CLIP
+    config.clipsonic.mel.n_mels = 32
+    config.audio.crop_samples = 16383  # 64 mel frames
+    config.train.batch_size = 8
+    config.train.learning_rate = 3e-3
+    config.train.lr_warmup_steps = 5
+    config.train.ema_decay = 0.0
+    config.train.log_every_steps = 1
+    config.train.validation_every_steps = 1000
+    config.mesh.fsdp_min_size = 64
+    for key, value in train_overrides.items():
+        setattr(config.train, key, value)
+    return config
+
+
+@pytest.fixture(scope="session")
+def trained_clipsonic(generated_dataset, tiny_clip_folder, tmp_path_factory):
+    """A tiny CLIPSonic model trained 60 steps: (config, workdir), shared by the CLIPSonic and
+    vocoder tests."""
+    from clipsep_jax import checkpoints, train
+
+    config = tiny_clipsonic(generated_dataset, num_steps=60, checkpoint_every_steps=60)
+    config.query.encoder_model = tiny_clip_folder
+    workdir = tmp_path_factory.mktemp("clipsonic")
+    checkpoints.write_config(workdir, config)
+    train.train_and_evaluate(config, str(workdir))
+    return config, workdir

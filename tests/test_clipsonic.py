@@ -12,38 +12,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import tiny_clipsonic
 from PIL import Image
 from test_sharding import global_relative_difference
 from test_training import changed_fields, kill_after_a_checkpoint_and_resume
 
-from clipsep_jax import checkpoints, evaluate, sharding, train
+from clipsep_jax import evaluate, sharding
 from clipsep_jax.config import default_config, validate
+from clipsep_jax.encoders.clap import resample
 from clipsep_jax.errors import UserError
 from clipsep_jax.train import make_optimizer, sharded_train_state, sharded_train_step
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_clipsonic(data_dir="", **train_overrides):
-    config = default_config("clipsonic")
-    config.data.data_dir = data_dir
-    config.data.num_workers = 0
-    config.model.widths = (16, 32)
-    config.model.blocks_per_level = 1
-    config.model.embedding_dim = 32
-    config.model.condition_dim = 40  # the tests' tiny CLIP
-    config.clipsonic.mel.n_mels = 32
-    config.audio.crop_samples = 16383  # 64 mel frames
-    config.train.batch_size = 8
-    config.train.learning_rate = 3e-3
-    config.train.lr_warmup_steps = 5
-    config.train.ema_decay = 0.0
-    config.train.log_every_steps = 1
-    config.train.validation_every_steps = 1000
-    config.mesh.fsdp_min_size = 64
-    for key, value in train_overrides.items():
-        setattr(config.train, key, value)
-    return config
 
 
 def test_config_is_checked():
@@ -59,16 +39,6 @@ def test_config_is_checked():
     config.audio.crop_samples = 16000  # 63 frames: not halvable
     with pytest.raises(ValueError, match="config.audio.crop_samples=16000 gives 63 mel frames"):
         validate(config)
-
-
-@pytest.fixture(scope="module")
-def trained_clipsonic(generated_dataset, tiny_clip_folder, tmp_path_factory):
-    config = tiny_clipsonic(generated_dataset, num_steps=60, checkpoint_every_steps=60)
-    config.query.encoder_model = tiny_clip_folder
-    workdir = tmp_path_factory.mktemp("clipsonic")
-    checkpoints.write_config(workdir, config)
-    train.train_and_evaluate(config, str(workdir))
-    return config, workdir
 
 
 def test_training_and_the_denoising_evaluation(trained_clipsonic):
@@ -236,6 +206,23 @@ def test_the_generator_uses_a_hifigan_vocoder(trained_clipsonic, tmp_path):
     np.testing.assert_allclose(result["waveforms"], expected, atol=1e-4)
     (tmp_path / "nyquist.json").write_text(json.dumps({**layout, **mel_settings, "fmax": None}))
     generator.use_vocoder(str(tmp_path / "g_1"), str(tmp_path / "nyquist.json"))  # null: 8 kHz
+    # a 22.05 kHz vocoder of the same bands: log-mels interpolated to its frame rate, its
+    # waveform resampled to 16 kHz
+    (tmp_path / "22k.json").write_text(json.dumps({**layout, **mel_settings,
+                                                   "sampling_rate": 22050}))
+    generator.use_vocoder(str(tmp_path / "g_1"), str(tmp_path / "22k.json"))
+    resampled = generator.generate(["tuba"], num_samples=1, seconds=0.5, steps=4, seed=3)[0]
+    mels = result["mels"][0]  # [32, T] at 62.5 frames/s
+    step = (256 / 22050) * (16000 / 256)
+    position = np.arange(int((mels.shape[-1] - 1) / step) + 1) * step
+    interpolated = np.stack([np.interp(position, np.arange(mels.shape[-1]), band)
+                             for band in mels])
+    with torch.no_grad():
+        wave22k = reference(torch.from_numpy(interpolated[None].astype(np.float32))).numpy()
+    expected = np.asarray(resample(wave22k[:, 0], 22050, 16000))[:, :8000]
+    assert resampled["waveforms"].shape == (1, 8000)
+    np.testing.assert_allclose(resampled["waveforms"], expected,
+                               atol=1e-4 * np.abs(expected).max())
     (tmp_path / "other.json").write_text(json.dumps({**layout, **mel_settings, "num_mels": 80}))
     with pytest.raises(UserError, match="'num_mels': \\(80, 32\\)"):
         generator.use_vocoder(str(tmp_path / "g_1"), str(tmp_path / "other.json"))

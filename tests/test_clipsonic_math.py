@@ -164,7 +164,7 @@ def test_frechet_distance_against_the_closed_form():
 
 
 def test_ridge_prior_learns_a_linear_map_and_retrieval_averages_the_nearest():
-    from clipsep_jax.families.clipsonic.prior_baselines import RetrievalPrior, RidgePrior
+    from clipsep_jax.families.clipsonic.pd import RetrievalPrior, RidgePrior
 
     rng = np.random.default_rng(0)
     rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))  # unit texts -> unit images

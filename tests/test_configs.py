@@ -58,4 +58,5 @@ def test_expected_variants_exist():
     stems = {p.stem for p in CONFIGS}
     assert {"music_clipsep", "music_clipsep_text", "music_clipsep_hybrid", "music_pit",
             "music_labelsep", "vggsound_clipsep", "vggsound_nit", "vggsound_pit",
-            "music_clipsonic", "vggsound_clipsonic", "clipsonic_demo"} <= stems
+            "music_clipsonic", "vggsound_clipsonic", "clipsonic_demo", "music_hifigan",
+            "vocoder_demo", "prior_demo"} <= stems

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clipsep_jax.families.clipsonic.discriminators import (
+from clipsep_jax.families.vocoder.discriminators import (
     MultiPeriodDiscriminator,
     MultiScaleDiscriminator,
     discriminator_loss,

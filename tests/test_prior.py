@@ -11,13 +11,13 @@ from packaging.version import Version
 from prior_reference import PriorNetworkReference, prior_state_dict_with_prefix
 
 from clipsep_jax.errors import UserError
-from clipsep_jax.families.clipsonic.prior import (
+from clipsep_jax.families.prior.convert import load_prior_checkpoint
+from clipsep_jax.families.prior.network import (
     cosine_schedule,
     ddim_time_pairs,
     relative_position_buckets,
     sample_prior,
 )
-from clipsep_jax.families.clipsonic.prior_convert import load_prior_checkpoint
 
 DIM = 64
 

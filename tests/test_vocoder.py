@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from clipsep_jax.errors import UserError
-from clipsep_jax.families.clipsonic.vocoder import (
+from clipsep_jax.families.vocoder.hifigan import (
     HiFiGANGenerator,
     hifigan_settings,
     hop_length,

@@ -20,7 +20,9 @@ __all__ = ["FAMILY_MODULES", "KINDS", "Family", "family_of_kind", "get_family", 
 
 # family name -> module exposing FAMILY
 FAMILY_MODULES = {"clipsep": "clipsep_jax.families.clipsep",
-                  "clipsonic": "clipsep_jax.families.clipsonic"}
+                  "clipsonic": "clipsep_jax.families.clipsonic",
+                  "vocoder": "clipsep_jax.families.vocoder",
+                  "prior": "clipsep_jax.families.prior"}
 # model kind -> family name
 KINDS = {
     "clipsep": "clipsep",
@@ -30,6 +32,9 @@ KINDS = {
     "sop": "clipsep",
     "bertsep": "clipsep",
     "clipsonic": "clipsonic",
+    "hifigan": "vocoder",
+    "istft": "vocoder",
+    "diffusion_prior": "prior",
 }
 
 

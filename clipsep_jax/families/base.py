@@ -51,7 +51,8 @@ class Family(abc.ABC):
 
     name: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]]
-    # "separation" (``separator``) or "generation" (``generator``): what its models do, for
+    # "separation" (``separator``), "generation" (``generator``) or "vocoding" (log-mel to
+    # waveform; used through a generator's ``use_vocoder``): what its models do, for
     # the commands and the web page
     task: ClassVar[str] = "separation"
     # Subsections of ``config.<name>`` that say how a model is evaluated or queried, not what

@@ -33,7 +33,7 @@ from clipsep_jax.families.clipsonic.model import (
     crop_frames,
     fixed_time_losses,
 )
-from clipsep_jax.families.clipsonic.prior_baselines import PRIOR_KINDS
+from clipsep_jax.families.clipsonic.pd import PRIOR_KINDS
 from clipsep_jax.files import write_wav_atomic
 from clipsep_jax.input_pipeline import open_split, sharded_batches
 from clipsep_jax.pictures import save_png, spectrogram_picture
@@ -73,14 +73,21 @@ class CLIPSonicFamily(Family):
         c.mel.clamp = 1e-5
         c.mel.log_max = 2.5
         c.condition_dropout = 0.1  # examples trained without their condition (guidance)
-        # CLIPSonic-PD: a text -> image embedding prior fitted on another split's image-text
-        # pairs ("": none; "ridge" or "retrieval", prior_baselines.py); the evaluation gains
-        # text (PD) rows and python -m clipsep_jax.generate --prior uses it.
+        # CLIPSonic-PD: a text -> image embedding prior ("": none; "ridge" or "retrieval" fitted
+        # on another split's image-text pairs, families/prior/baselines.py; "diffusion": a
+        # trained diffusion prior); the evaluation gains text (PD) rows and
+        # python -m clipsep_jax.generate --prior uses it.
         c.prior = ml_collections.ConfigDict()
         c.prior.kind = ""
         c.prior.split = "held_out"
         c.prior.ridge_l2 = 0.1
         c.prior.top_k = 8
+        # kind="diffusion": a prior trained by python -m clipsep_jax.main (model kind
+        # diffusion_prior; workdir or model directory) or LAION's DALLE2-pytorch file
+        c.prior.checkpoint = ""
+        c.prior.steps = 64  # its DDIM steps
+        c.prior.best_of = 2
+        c.prior.guidance = 1.0
         # Evaluation (python -m clipsep_jax.evaluate): the project's classifier, then
         # generations for every test clip per query mode and guidance scale.
         c.eval = ml_collections.ConfigDict()
@@ -90,6 +97,9 @@ class CLIPSonicFamily(Family):
         c.eval.classifier_crops = 4  # random crops per training clip for the classifier
         c.eval.classifier_min_accuracy = 0.95  # on real test clips, before it is used
         c.eval.griffin_lim_iterations = 32
+        # a trained vocoder (workdir, model directory or pretrained folder; its mel settings
+        # must be config.clipsonic.mel's): the table gains its waveforms' columns
+        c.eval.vocoder = ""
         return c
 
     def kind_defaults(self, config: ml_collections.ConfigDict) -> None:
@@ -111,7 +121,12 @@ class CLIPSonicFamily(Family):
             raise UserError(f"config.clipsonic.mel.n_mels={config.clipsonic.mel.n_mels} is "
                             f"not a multiple of {multiple} (the 2D U-Net halves it)")
         prior = config.clipsonic.prior
-        if prior.kind and prior.split in (config.data.train_split, config.eval.split):
+        if prior.kind == "diffusion" and not prior.checkpoint:
+            raise UserError("config.clipsonic.prior.kind='diffusion' needs "
+                            "config.clipsonic.prior.checkpoint (a trained prior's workdir, "
+                            "model directory or DALLE2-pytorch file)")
+        if prior.kind in ("ridge", "retrieval") and prior.split in (config.data.train_split,
+                                                                    config.eval.split):
             raise UserError(f"config.clipsonic.prior.split={prior.split!r} is the generator's "
                             "training split or the evaluation's: fit the prior on other data")
         if prior.ridge_l2 <= 0 or prior.top_k < 1:

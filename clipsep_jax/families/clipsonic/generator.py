@@ -12,7 +12,8 @@ CLIPSonic-PD prior.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,16 +22,18 @@ import ml_collections
 import numpy as np
 
 from clipsep_jax import inference
-from clipsep_jax.encoders import load_query_encoder
+from clipsep_jax.encoders import clap, load_query_encoder
 from clipsep_jax.encoders.clip import text_prompt
 from clipsep_jax.errors import UserError
+from clipsep_jax.families import get_family
 from clipsep_jax.families.clipsonic import diffusion, mel
 from clipsep_jax.families.clipsonic.model import build_model, mel_settings
-from clipsep_jax.families.clipsonic.prior_baselines import PRIOR_KINDS, fit_prior
-from clipsep_jax.families.clipsonic.vocoder import hop_length, load_hifigan
+from clipsep_jax.families.clipsonic.pd import PRIOR_KINDS, describe_prior, fit_prior
 from clipsep_jax.families.clipsonic.waveforms import griffin_lim_from_log_mel
+from clipsep_jax.families.vocoder import model as vocoder_model
+from clipsep_jax.families.vocoder.hifigan import hop_length, load_hifigan
 
-__all__ = ["Generator", "sample_batch"]
+__all__ = ["Generator", "sample_batch", "trained_vocoder"]
 
 
 class Generator:
@@ -62,18 +65,26 @@ class Generator:
         config, variables = inference.load_for_inference(path)
         return cls(config, variables, encoder)
 
-    def use_prior(self, kind: str | None = None, split: str | None = None) -> str | None:
-        """Maps text queries through a prior fitted on ``split`` of the run's dataset:
-        ``kind`` (one of ``PRIOR_KINDS``), else the config's ``clipsonic.prior.kind``; none
-        when both are empty. Returns a description of the prior in use, or None."""
+    def use_prior(self, kind: str | None = None, split: str | None = None,
+                  checkpoint: str | None = None) -> str | None:
+        """Maps text queries through a prior: ``kind`` (one of ``PRIOR_KINDS``), else the
+        config's ``clipsonic.prior.kind``; none when both are empty. Ridge and retrieval are
+        fitted on ``split`` of the run's dataset (default the config's); ``diffusion`` loads
+        ``checkpoint`` (default the config's: a trained prior's workdir or model directory,
+        or LAION's file). Returns a description of the prior in use, or None."""
         if kind and kind not in PRIOR_KINDS:
             raise UserError(f"prior {kind!r}: expected one of {', '.join(PRIOR_KINDS)}")
         prior = ml_collections.ConfigDict(self.config.clipsonic.prior.to_dict())
         prior.kind = kind or prior.kind
         prior.split = split or prior.split
+        prior.checkpoint = checkpoint or prior.checkpoint
+        if prior.kind == "diffusion" and not prior.checkpoint:
+            raise UserError("the diffusion prior needs a checkpoint (a trained prior's workdir "
+                            "or model directory, or a DALLE2-pytorch file)")
         if not prior.kind:
-            if split:
-                raise UserError(f"a prior split ({split!r}) but no prior: name one "
+            if split or checkpoint:
+                raise UserError(f"a prior split or checkpoint ({split or checkpoint!r}) but no "
+                                f"prior: name one "
                                 f"({', '.join(PRIOR_KINDS)})")
             self.prior = None
             return None
@@ -83,31 +94,22 @@ class Generator:
         config = ml_collections.ConfigDict(self.config.to_dict())
         config.clipsonic.prior = prior
         self.prior = fit_prior(config)
-        return f"{prior.kind} fitted on the {prior.split} split of {config.data.data_dir}"
+        return describe_prior(config)
 
     def use_vocoder(self, checkpoint: str, config_file: str | None = None) -> str:
-        """Waveforms from a HiFi-GAN generator checkpoint (the reference's layout) instead of
-        Griffin-Lim; its mel settings must be the model's (sample rate, bands, hop, FFT size,
-        frequency range), else UserError naming them. The reference frames its mels without
-        centring ((n_fft - hop) / 2 reflect padding) and the model's are centred, so its
-        waveforms lag by about half a hop (8 ms at 16 kHz). Returns a description."""
-        generator, params, vocoder_config = load_hifigan(checkpoint, config_file)
-        s = self.settings
-        wanted = {"sampling_rate": s.sample_rate, "num_mels": s.n_mels,
-                  "hop_size": s.hop_length, "n_fft": s.n_fft, "win_size": s.win_length,
-                  "fmin": s.fmin, "fmax": s.fmax}
-        if vocoder_config.get("fmax") is None and "fmax" in vocoder_config:
-            vocoder_config = {**vocoder_config,  # the reference's null fmax: up to Nyquist
-                              "fmax": vocoder_config.get("sampling_rate", s.sample_rate) / 2}
-        differ = {k: (vocoder_config.get(k), v) for k, v in wanted.items()
-                  if k in vocoder_config and float(vocoder_config[k]) != float(v)}
-        if hop_length(generator) != s.hop_length:
-            differ["upsample_rates (product)"] = (hop_length(generator), s.hop_length)
-        if differ:
-            raise UserError(f"{checkpoint}: the vocoder's mel settings (vocoder, model) differ: "
-                            f"{differ}; resampling vocoders are not supported yet")
-        self.vocoder = jax.jit(lambda m: generator.apply({"params": params}, m))
-        return f"HiFi-GAN {checkpoint}"
+        """Waveforms from a neural vocoder instead of Griffin-Lim: a vocoder trained here (a
+        training workdir, model directory or pretrained folder of model kind ``hifigan`` or
+        ``istft``) or a HiFi-GAN generator checkpoint file in the reference's layout (with its
+        ``config.json``). Its mel settings must be the model's (sample rate, bands, hop, FFT
+        size, frequency range), else UserError naming them. The reference HiFi-GAN frames its
+        mels without centring ((n_fft - hop) / 2 reflect padding) and the model's are centred,
+        so its waveforms lag by about half a hop (8 ms at 16 kHz); vocoders trained here read
+        the model's framing. Returns a description."""
+        if Path(checkpoint).is_file():
+            self.vocoder = _reference_hifigan(checkpoint, config_file, self.settings)
+            return f"HiFi-GAN {checkpoint}"
+        self.vocoder = trained_vocoder(checkpoint, self.settings)
+        return f"vocoder {checkpoint}"
 
     @property
     def encoder(self):
@@ -190,3 +192,68 @@ def _sample(config, variables, embedding, key, *, num_samples, steps, frames, gu
     conditions = jnp.broadcast_to(embedding, (num_samples, embedding.shape[-1]))
     return sample_batch(config, variables, conditions, key, steps=steps, frames=frames,
                         guidance=guidance)
+
+
+def _reference_hifigan(checkpoint: str, config_file: str | None,
+                       settings: mel.MelSettings) -> Callable[[jax.Array], jax.Array]:
+    """A reference HiFi-GAN as ``log-mels [B, n_mels, T] -> waveforms [B, >= hop * T]`` at the
+    model's rate. Bands (count, fmin, fmax) must be the model's; a vocoder of another sampling
+    rate (e.g. 22.05 kHz, 80 bands to 8 kHz) reads the log-mels interpolated linearly to its
+    frame rate and its waveform is resampled to the model's rate: the bands cover the same
+    hertz, so tones keep their level; noise-like bands read about 10 log10(rate ratio) / 2 dB
+    off (1.4 dB for 22.05 vs 16 kHz) since a band's sum of bin magnitudes scales so."""
+    generator, params, vocoder_config = load_hifigan(checkpoint, config_file)
+    rate = int(vocoder_config.get("sampling_rate", settings.sample_rate))
+    if vocoder_config.get("fmax") is None and "fmax" in vocoder_config:
+        vocoder_config = {**vocoder_config, "fmax": rate / 2}  # the reference's null: Nyquist
+    wanted = {"num_mels": settings.n_mels, "fmin": settings.fmin, "fmax": settings.fmax}
+    if rate == settings.sample_rate:
+        wanted.update(hop_size=settings.hop_length, n_fft=settings.n_fft,
+                      win_size=settings.win_length)
+    differ = {k: (vocoder_config.get(k), v) for k, v in wanted.items()
+              if k in vocoder_config and float(vocoder_config[k]) != float(v)}
+    hop = int(vocoder_config.get("hop_size", settings.hop_length))
+    if hop_length(generator) != hop:
+        differ["upsample_rates (product)"] = (hop_length(generator), hop)
+    if differ:
+        raise UserError(f"{checkpoint}: the vocoder's mel settings (vocoder, model) differ: "
+                        f"{differ}")
+
+    def apply(log_mels: jax.Array) -> jax.Array:
+        return generator.apply({"params": params}, log_mels)
+
+    if rate == settings.sample_rate:
+        return jax.jit(apply)
+    # frame u of the vocoder is at u hop / rate seconds: frame (u hop / rate) / (model's hop /
+    # model's rate) of the model
+    step = (hop / rate) / (settings.hop_length / settings.sample_rate)
+
+    def resampled(log_mels: jax.Array) -> jax.Array:
+        frames = log_mels.shape[-1]
+        position = jnp.arange(int((frames - 1) / step) + 1) * step
+        low = jnp.floor(position).astype(jnp.int32)
+        high = jnp.minimum(low + 1, frames - 1)
+        weight = position - low
+        interpolated = (log_mels[..., low] * (1.0 - weight) + log_mels[..., high] * weight)
+        return clap.resample(apply(interpolated), rate, settings.sample_rate)
+
+    return jax.jit(resampled)
+
+
+def trained_vocoder(path: str, settings: mel.MelSettings) -> Callable[[jax.Array], jax.Array]:
+    """A vocoder trained by ``python -m clipsep_jax.main`` (workdir, model directory or
+    pretrained folder) as a jitted ``log-mels [B, n_mels, T] -> waveforms [B, hop * T]``,
+    after checking that it reads ``settings``' log-mel (UserError naming what differs)."""
+    config, variables = inference.load_for_inference(path)
+    if get_family(config).name != "vocoder":
+        raise UserError(f"{path}: model kind {config.model.kind!r} is not a vocoder")
+    theirs = vocoder_model.mel_settings(config)
+    fields = ("sample_rate", "n_fft", "hop_length", "win_length", "n_mels", "fmin", "fmax",
+              "clamp")
+    differ = {f: (getattr(theirs, f), getattr(settings, f)) for f in fields
+              if float(getattr(theirs, f)) != float(getattr(settings, f))}
+    if differ:
+        raise UserError(f"{path}: the vocoder's mel settings (vocoder, model) differ: {differ}")
+    params = jax.device_put(variables["params"]["generator"])
+    return jax.jit(lambda m: vocoder_model.vocode(config, params, m,
+                                                  settings.hop_length * m.shape[-1]))

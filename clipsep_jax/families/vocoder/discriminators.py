@@ -9,6 +9,7 @@
   1), a 3-tap output convolution; scales 2 and 3 read the waveform average-pooled (4, stride 2,
   zero padding 2, counted in the mean) once and twice.
 
+``width_divisor`` shrinks every width (and caps the groups) for small demos; 1 is the paper's.
 Each discriminator returns (logits [B, N], feature maps [list of arrays]). The losses (pure
 functions, float32 means) are the least-squares GAN losses, the feature-matching loss (2 x the
 mean absolute difference per feature map, summed) and the mel reconstruction loss (L1 of the
@@ -34,6 +35,7 @@ class PeriodDiscriminator(nn.Module):
     """One MPD sub-discriminator: waveform [B, T] -> (logits [B, N], feature maps)."""
 
     period: int
+    width_divisor: int = 1  # every width divided by it (1: the paper's)
 
     @nn.compact
     def __call__(self, wave: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
@@ -45,8 +47,8 @@ class PeriodDiscriminator(nn.Module):
         features = []
         for i, (width, stride) in enumerate(((32, 3), (128, 3), (512, 3), (1024, 3),
                                              (1024, 1))):
-            x = nn.Conv(width, (5, 1), strides=(stride, 1), padding=[(2, 2), (0, 0)],
-                        name=f"convs_{i}")(x)
+            x = nn.Conv(width // self.width_divisor, (5, 1), strides=(stride, 1),
+                        padding=[(2, 2), (0, 0)], name=f"convs_{i}")(x)
             x = nn.leaky_relu(x, 0.1)
             features.append(x)
         x = nn.Conv(1, (3, 1), padding=[(1, 1), (0, 0)], name="conv_post")(x)
@@ -59,10 +61,11 @@ class MultiPeriodDiscriminator(nn.Module):
     """MPD: one :class:`PeriodDiscriminator` per period."""
 
     periods: tuple[int, ...] = (2, 3, 5, 7, 11)
+    width_divisor: int = 1
 
     @nn.compact
     def __call__(self, wave: jax.Array) -> Outputs:
-        outputs = [PeriodDiscriminator(p, name=f"discriminators_{i}")(wave)
+        outputs = [PeriodDiscriminator(p, self.width_divisor, name=f"discriminators_{i}")(wave)
                    for i, p in enumerate(self.periods)]
         return [o[0] for o in outputs], [o[1] for o in outputs]
 
@@ -74,13 +77,17 @@ _SCALE_LAYERS = ((128, 15, 1, 1), (128, 41, 2, 4), (256, 41, 2, 16), (512, 41, 4
 class ScaleDiscriminator(nn.Module):
     """One MSD sub-discriminator: waveform [B, T] -> (logits [B, N], feature maps)."""
 
+    width_divisor: int = 1  # every width divided by it; groups capped by the width
+
     @nn.compact
     def __call__(self, wave: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         x = wave[..., None]  # [B, T, 1]
         features = []
         for i, (width, kernel, stride, groups) in enumerate(_SCALE_LAYERS):
+            width = width // self.width_divisor
             x = nn.Conv(width, (kernel,), strides=(stride,), padding=[((kernel - 1) // 2,) * 2],
-                        feature_group_count=groups, name=f"convs_{i}")(x)
+                        feature_group_count=min(groups, x.shape[-1], width),
+                        name=f"convs_{i}")(x)
             x = nn.leaky_relu(x, 0.1)
             features.append(x)
         x = nn.Conv(1, (3,), padding=[(1, 1)], name="conv_post")(x)
@@ -98,6 +105,7 @@ class MultiScaleDiscriminator(nn.Module):
     """MSD: :class:`ScaleDiscriminator` on the waveform and on it pooled once and twice."""
 
     scales: int = 3
+    width_divisor: int = 1
 
     @nn.compact
     def __call__(self, wave: jax.Array) -> Outputs:
@@ -105,7 +113,7 @@ class MultiScaleDiscriminator(nn.Module):
         for i in range(self.scales):
             if i:
                 wave = average_pool(wave)
-            out, maps = ScaleDiscriminator(name=f"discriminators_{i}")(wave)
+            out, maps = ScaleDiscriminator(self.width_divisor, name=f"discriminators_{i}")(wave)
             logits.append(out)
             features.append(maps)
         return logits, features

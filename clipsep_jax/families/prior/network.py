@@ -176,14 +176,16 @@ class PriorNetwork(nn.Module):
             if drop_text is not None or drop_image is not None:
                 raise ValueError("the 'laion' prior has no null condition: it cannot drop "
                                  "the text or the image (guidance needs variant='head')")
-            null = self.param("null_text_encodings", normal, (length, dim))
-            text_encodings = jnp.where(present, text_encodings, null[None])
+            if length:  # no token states at all (max_text_len 0): no null table either
+                null = self.param("null_text_encodings", normal, (length, dim))
+                text_encodings = jnp.where(present, text_encodings, null[None])
         else:
             keep_text = (jnp.ones((batch,), bool) if drop_text is None else ~drop_text)
             keep_image = (jnp.ones((batch,), bool) if drop_image is None else ~drop_image)
-            null = self.param("null_text_encodings", normal, (length, dim))
-            text_encodings = jnp.where(present & keep_text[:, None, None], text_encodings,
-                                       null[None])
+            if length:
+                null = self.param("null_text_encodings", normal, (length, dim))
+                text_encodings = jnp.where(present & keep_text[:, None, None], text_encodings,
+                                           null[None])
             null_text = self.param("null_text_embed", normal, (dim,))
             text_embed = jnp.where(keep_text[:, None, None], text_embed, null_text)
             null_image = self.param("null_image_embed", normal, (dim,))

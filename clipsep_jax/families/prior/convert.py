@@ -23,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from clipsep_jax.errors import UserError
-from clipsep_jax.families.clipsonic.prior import ROTARY_MAX_DIM, PriorNetwork, cosine_schedule
+from clipsep_jax.families.prior.network import ROTARY_MAX_DIM, PriorNetwork, cosine_schedule
 
 __all__ = ["read_prior_state_dict", "prior_from_state_dict", "load_prior_checkpoint"]
 

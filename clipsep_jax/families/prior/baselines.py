@@ -1,8 +1,9 @@
 """The simple text -> image embedding priors a user can pick instead of the diffusion prior.
 
 Both are fitted on image-text pairs of a split that is not the generator's training data
-(``config.clipsonic.prior.split``; the demo's ``held_out``: other recordings of the same kinds
-of scene), so no label supervision of the generator's own clips leaks into CLIPSonic-PD:
+(CLIPSonic's ``config.clipsonic.prior.split``; the demo's ``held_out``: other recordings of
+the same kinds of scene), so no label supervision of the generator's own clips leaks into
+CLIPSonic-PD:
 
 - :class:`RidgePrior` (``kind="ridge"``): a linear map fitted by ridge regression from
   L2-normalised text embeddings to L2-normalised image embeddings (bias unpenalised);
@@ -24,12 +25,9 @@ import numpy as np
 from clipsep_jax.errors import UserError
 from clipsep_jax.input_pipeline import open_split
 
-__all__ = ["RidgePrior", "RetrievalPrior", "fit_prior", "image_text_pairs", "PRIOR_KINDS"]
+__all__ = ["RidgePrior", "RetrievalPrior", "image_text_pairs", "unit"]
 
-PRIOR_KINDS = ("ridge", "retrieval")
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -44,7 +42,7 @@ class RidgePrior:
     @classmethod
     def fit(cls, text: np.ndarray, image: np.ndarray, l2: float = 0.1) -> RidgePrior:
         """Least squares with ``l2`` * |weights|^2 on (text [N, D], image [N, D]) pairs."""
-        x, y = _unit(text), _unit(image)
+        x, y = unit(text), unit(image)
         x_mean, y_mean = x.mean(0), y.mean(0)
         xc, yc = x - x_mean, y - y_mean
         gram = xc.T @ xc + l2 * np.eye(x.shape[1])
@@ -52,7 +50,7 @@ class RidgePrior:
         return cls(weights.astype(np.float32), (y_mean - x_mean @ weights).astype(np.float32))
 
     def __call__(self, text: np.ndarray) -> np.ndarray:
-        return _unit(_unit(text) @ self.weights + self.bias).astype(np.float32)
+        return unit(unit(text) @ self.weights + self.bias).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -63,10 +61,10 @@ class RetrievalPrior:
     top_k: int = 8
 
     def __call__(self, text: np.ndarray) -> np.ndarray:
-        similarity = _unit(text) @ self.bank.T
+        similarity = unit(text) @ self.bank.T
         k = min(self.top_k, len(self.bank))
         best = np.argpartition(-similarity, k - 1, axis=-1)[:, :k]
-        return _unit(self.bank[best].mean(axis=1)).astype(np.float32)
+        return unit(self.bank[best].mean(axis=1)).astype(np.float32)
 
 
 def image_text_pairs(data_config: ml_collections.ConfigDict, split: str
@@ -81,18 +79,3 @@ def image_text_pairs(data_config: ml_collections.ConfigDict, split: str
     if not texts:
         raise UserError(f"split {split!r} has no clips to fit the prior on")
     return np.stack(texts), np.stack(images)
-
-
-def fit_prior(config: ml_collections.ConfigDict) -> RidgePrior | RetrievalPrior:
-    """The prior ``config.clipsonic.prior`` names, fitted on its split's image-text pairs."""
-    p = config.clipsonic.prior
-    if p.kind not in PRIOR_KINDS:
-        raise UserError(f"config.clipsonic.prior.kind={p.kind!r}: expected one of "
-                        f"{PRIOR_KINDS}")
-    if p.split == config.data.train_split:
-        raise UserError(f"config.clipsonic.prior.split={p.split!r} is the generator's training "
-                        "split: fit the prior on other data (no text-audio pairs may leak)")
-    texts, images = image_text_pairs(config.data, p.split)
-    if p.kind == "ridge":
-        return RidgePrior.fit(texts, images, p.ridge_l2)
-    return RetrievalPrior(_unit(images).astype(np.float32), int(p.top_k))
