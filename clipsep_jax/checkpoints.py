@@ -163,7 +163,11 @@ class TrainingCheckpoints:
             policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
                            keep_checkpoints_without_metrics=False),
         ])
+        # best_fn as well: without it orbax 0.12 drops the metrics it is given (the metadata
+        # says {}), and "best" found nothing
         options = ocp.CheckpointManagerOptions(preservation_policy=preservation,
+                                               best_fn=lambda m: m[BEST_METRIC],
+                                               best_mode="min",
                                                enable_async_checkpointing=True, create=True)
         self.directory = Path(workdir).absolute() / CHECKPOINTS_DIR
         self.manager = ocp.CheckpointManager(str(self.directory), options=options,
@@ -377,7 +381,9 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def _flat_variables(variables: dict) -> dict[str, np.ndarray]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.ascontiguousarray(leaf)
+    # ascontiguousarray makes a 0-d array 1-d: the reshape keeps scalars (logit scales) scalars
+    return {"/".join(str(getattr(k, "key", k)) for k in path):
+            np.ascontiguousarray(leaf).reshape(np.shape(leaf))
             for path, leaf in jax.tree_util.tree_leaves_with_path(
                 jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32)
                                        if np.asarray(x).dtype.kind == "f" else np.asarray(x),

@@ -152,6 +152,23 @@ CHOICES = {
 }
 
 
+def use_plain_synth_music(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Points ``config.data`` at the generative demos' dataset (CLIPSonic, its vocoder and prior,
+    the CLAP demo): synth_music rendered plainly into ``data/synth_plain`` (64 / 3 / 8 / 4
+    train / val / test / held_out clips of 8 s per instrument), prepared on first use, read in
+    process and kept in memory. Returns ``config``."""
+    d = config.data
+    d.name = "synth_music"
+    d.data_dir = "data/synth_plain"
+    d.prepare_if_missing = True
+    d.synth_clips_per_class = (64, 3, 8, 4)
+    d.synth_vary = False
+    d.synth_seconds = 8.0
+    d.num_workers = 0
+    d.cache_in_memory = True
+    return config
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field when a configuration cannot describe a run: the shared
     sections here, the model and family sections by the family."""

@@ -74,6 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             names.append(f"image_{Path(path).stem}")
         if not queries:
             raise errors.UserError("no queries: give --text and/or --image")
+        if args.prior_checkpoint and args.prior not in (None, "diffusion"):
+            raise errors.UserError(f"--prior_checkpoint is for --prior=diffusion, not "
+                                   f"--prior={args.prior}")
+        if args.prior_split and args.prior == "diffusion":
+            raise errors.UserError("--prior_split is for ridge and retrieval priors; the "
+                                   "diffusion prior was trained on its own run's data")
+        if args.vocoder_config and not (args.vocoder and Path(args.vocoder).is_file()):
+            raise errors.UserError("--vocoder_config goes with a HiFi-GAN checkpoint file "
+                                   "(--vocoder=FILE); a vocoder run carries its own config")
         config, variables = inference.load_for_inference(args.checkpoint or args.workdir)
         generator = get_family(config).generator(config, variables, encoder=args.clip)
         # A prior maps text queries only; "none" asks for them as they are (ZS) even when the

@@ -18,19 +18,12 @@ only saw image embeddings, not what CLIP's shared space gives; PD maps the text 
 space with a prior fitted on other clips' image-text pairs.
 """
 
-from clipsep_jax.config import default_config
+from clipsep_jax.config import default_config, use_plain_synth_music
 
 
 def get_config():
     config = default_config("clipsonic")
-    config.data.name = "synth_music"
-    config.data.data_dir = "data/synth_plain"
-    config.data.prepare_if_missing = True
-    config.data.synth_clips_per_class = (64, 3, 8, 4)
-    config.data.synth_vary = False
-    config.data.synth_seconds = 8.0
-    config.data.num_workers = 0
-    config.data.cache_in_memory = True
+    use_plain_synth_music(config)
 
     config.audio.crop_samples = 32767  # 128 mel frames, about 2 s
     config.query.mode = "image"

@@ -1,8 +1,8 @@
 """A 16 kHz HiFi-GAN (V1: upsampling 8 x 8 x 2 x 2 = the 256-sample hop, 512 initial channels,
 13.9 M generator parameters) trained on MUSIC's waveforms against the multi-period and
 multi-scale discriminators, reading the log-mel CLIPSonic's configs generate (80 Slaney bands to
-8 kHz, n_fft 1024, hop 256, centred): ``--config.model.kind=istft`` trains the inverse-STFT
-generator instead (add ``--config.model.dim=512 --config.model.depth=8``).
+8 kHz, n_fft 1024, hop 256, centred). For the inverse-STFT generator start from
+``default_config("istft")`` as ``configs/vocoder_demo.py`` does (its fields differ).
 
     python -m clipsep_jax.main --config=configs/music_hifigan.py --workdir=runs/music_hifigan
 

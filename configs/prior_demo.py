@@ -9,19 +9,12 @@ CLIPSonic's demo uses it for its PD rows with ``--config.clipsonic.prior.kind=di
 --config.clipsonic.prior.checkpoint=runs/prior_demo`` (see the README). Sized for a 2-core CPU.
 """
 
-from clipsep_jax.config import default_config
+from clipsep_jax.config import default_config, use_plain_synth_music
 
 
 def get_config():
     config = default_config("diffusion_prior")
-    config.data.name = "synth_music"
-    config.data.data_dir = "data/synth_plain"
-    config.data.prepare_if_missing = True
-    config.data.synth_clips_per_class = (64, 3, 8, 4)
-    config.data.synth_vary = False
-    config.data.synth_seconds = 8.0
-    config.data.num_workers = 0
-    config.data.cache_in_memory = True
+    use_plain_synth_music(config)
     config.data.train_split = "held_out"
 
     config.model.dim = 512  # the demo's CLIP (ViT-B/32 layout, random weights)

@@ -129,7 +129,7 @@ def test_generate_command_writes_samples(trained_clipsonic, tmp_path):
     assert not np.allclose(first, second)  # two samples, two noises
     manifest = json.loads((tmp_path / "out" / "generation.json").read_text())
     assert manifest["waveforms"].startswith("Griffin-Lim")
-    assert manifest["prior"].startswith("ridge fitted on the test split")
+    assert manifest["prior"].startswith("ridge prior fitted on the test split")
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
     assert again.returncode == 2 and "exists" in again.stderr
 
@@ -147,12 +147,14 @@ def test_guidance_changes_what_the_model_generates(trained_clipsonic):
     np.testing.assert_allclose(unconditional, other, atol=1e-5)  # w = 0 ignores the query
     assert not np.allclose(conditional, unconditional)
     zero_shot = generator.embed_queries(["tuba"])
-    assert generator.use_prior("retrieval", "test").startswith("retrieval fitted on the test")
+    assert generator.use_prior("retrieval", "test").startswith("retrieval prior fitted on the test")
     through_prior = generator.embed_queries(["tuba"])
     assert not np.allclose(zero_shot, through_prior)
     with pytest.raises(UserError, match="training split"):
         generator.use_prior("ridge", config.data.train_split)
-    with pytest.raises(UserError, match="prior 'diffusion': expected one of ridge"):
+    with pytest.raises(UserError, match="prior 'dalle': expected one of ridge"):
+        generator.use_prior("dalle")
+    with pytest.raises(UserError, match="the diffusion prior needs a checkpoint"):
         generator.use_prior("diffusion")
 
 

@@ -93,17 +93,23 @@ def test_a_prior_trained_by_the_loop_serves_clipsonic_pd(trained_clipsonic, gene
     assert "| diffusion prior |" in get_family(config).format_table(report)
 
     generator = Generator.from_checkpoint(str(trained_clipsonic[1]))
+    generator.config.clipsonic.prior.steps = 64  # not fewer than the prior's 50 time steps
+    with pytest.raises(UserError, match="64 DDIM steps for a prior of 50 time steps"):
+        generator.use_prior("diffusion", checkpoint=str(workdir))
+    generator.config.clipsonic.prior.steps = 10
     description = generator.use_prior("diffusion", checkpoint=str(workdir))
     assert description.startswith("diffusion prior")
     text = generator.encoder.encode_text([generator.config.query.text_template.format("tuba")])
-    prior, _ = load_prior(str(workdir), steps=64, best_of=2)
+    prior, _ = load_prior(str(workdir), steps=10, best_of=2)
     assert isinstance(prior, LoadedPrior)
-    np.testing.assert_allclose(generator.embed_queries(["tuba"]), prior(text), atol=1e-5)
+    expected = prior(text)
+    assert np.all(np.isfinite(expected))
+    np.testing.assert_allclose(generator.embed_queries(["tuba"]), expected, atol=1e-5)
 
     # a prior whose training clips are the generator's own is refused
     shutil.copytree(workdir, tmp_path / "leaky")
     saved = json.loads((tmp_path / "leaky" / "config.json").read_text())
     saved["data"]["train_split"] = "train"
     (tmp_path / "leaky" / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(UserError, match="trained on the generator's training split"):
+    with pytest.raises(UserError, match="trained on the generator's train split"):
         generator.use_prior("diffusion", checkpoint=str(tmp_path / "leaky"))

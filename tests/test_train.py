@@ -116,3 +116,20 @@ def test_train_step_matches_torch(kind, tmp_path):
         step_size = config.train.learning_rate / 2
         assert np.median(difference) <= 1e-4 * step_size, entry.torch_key
         assert difference.max() <= 0.05 * step_size, entry.torch_key
+
+
+def test_the_best_checkpoint_is_kept_and_found(tmp_path):
+    """Validation losses 0.5, none, 0.9, 0.7 with keep=1: the best (step 1) stays beside the
+    latest and ``"best"`` finds it."""
+    import grain
+
+    from clipsep_jax import checkpoints
+
+    saved = checkpoints.TrainingCheckpoints(tmp_path, keep=1)
+    iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+    for step, value in ((1, 0.5), (2, None), (3, 0.9), (4, 0.7)):
+        metrics = None if value is None else {checkpoints.BEST_METRIC: value}
+        saved.save(step, {"w": np.full(3, step, np.float32)}, iterator, metrics)
+    saved.wait()
+    assert saved.manager.all_steps() == [1, 4]
+    assert checkpoints._choose_step(saved.manager, tmp_path, "best") == 1

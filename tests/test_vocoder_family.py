@@ -1,6 +1,9 @@
 """The vocoder family: the GAN loss's routing of each term to its own networks, the inverse-STFT
 generator's starting point, and a vocoder trained through the generic loop serving CLIPSonic."""
 
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import librosa
@@ -93,11 +96,20 @@ def test_the_gan_loss_sends_each_term_to_its_own_networks():
         for got, want in zip(jax.tree.leaves(grads[name]), jax.tree.leaves(expected[name]),
                              strict=True):
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
+    # each term reaches only its own networks: exact zeros elsewhere
+    def term(name):
+        return lambda p: gan_loss(config, p, wave, jnp.asarray(5))[1][name]
+
+    leaks = [jax.grad(term("discriminator"))(params)["generator"]]
+    for name in ("generator_adversarial", "feature_matching"):
+        leaks += [jax.grad(term(name))(params)[d] for d in ("mpd", "msd")]
+    assert all(float(jnp.abs(x).max()) == 0.0 for tree in leaks for x in jax.tree.leaves(tree))
     # the warm-up: the mel term alone, the discriminators untouched
     loss, metrics = gan_loss(config, params, wave, jnp.asarray(4))
     np.testing.assert_allclose(loss, 45.0 * metrics["mel_l1"], rtol=1e-6)
     warm = jax.grad(lambda p: gan_loss(config, p, wave, jnp.asarray(4))[0])(params)
-    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(warm["mpd"]))
+    assert all(float(jnp.abs(x).max()) == 0.0 for d in ("mpd", "msd")
+               for x in jax.tree.leaves(warm[d]))
     assert float(jnp.abs(jax.tree.leaves(warm["generator"])[0]).max()) > 0.0
 
 
@@ -137,10 +149,11 @@ def test_a_vocoder_trained_by_the_loop_serves_clipsonic(trained_clipsonic, gener
                       8000)
     np.testing.assert_allclose(result["waveforms"], expected, atol=1e-5 * np.abs(expected).max())
 
-    other = tiny_vocoder(generated_dataset, n_mels=40, num_steps=1, checkpoint_every_steps=1)
-    checkpoints.write_config(tmp_path / "other", other)
-    train.train_and_evaluate(other, str(tmp_path / "other"))
-    with pytest.raises(UserError, match="'n_mels': \\(40, 32\\)"):
+    shutil.copytree(workdir, tmp_path / "other")  # the same run, saying its bands end at 7 kHz
+    saved = json.loads((tmp_path / "other" / "config.json").read_text())
+    saved["vocoder"]["mel"]["fmax"] = 7000.0
+    (tmp_path / "other" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="'fmax': \\(7000.0, 8000.0\\)"):
         generator.use_vocoder(str(tmp_path / "other"))
 
     config.eval.num_examples = 3

@@ -51,9 +51,10 @@ class Family(abc.ABC):
 
     name: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]]
-    # "separation" (``separator``), "generation" (``generator``) or "vocoding" (log-mel to
-    # waveform; used through a generator's ``use_vocoder``): what its models do, for
-    # the commands and the web page
+    # "separation" (``separator``), "generation" (``generator``), "vocoding" (log-mel to
+    # waveform; used through a generator's ``use_vocoder``), "prior" (text to image embedding;
+    # through ``use_prior``) or "encoding" (a trained encoder, e.g. CLAP): what its models do,
+    # for the commands and the web page
     task: ClassVar[str] = "separation"
     # Subsections of ``config.<name>`` that say how a model is evaluated or queried, not what
     # it is: an evaluation takes them from its own config, the rest from the checkpoint's.
@@ -157,8 +158,8 @@ class Family(abc.ABC):
 
     def generator(self, config: ml_collections.ConfigDict, variables: dict, **kwargs: Any):
         """An object with ``generate(queries, num_samples=, seconds=, guidance=, steps=,
-        seed=)`` -> per query {"mels", "waveforms"}, ``use_prior(kind, split)`` (text queries
-        through a prior; returns its description or None) and ``use_vocoder(checkpoint,
+        seed=)`` -> per query {"mels", "waveforms"}, ``use_prior(kind, split, checkpoint)`` (text
+        queries through a prior; returns its description or None) and ``use_vocoder(checkpoint,
         config_file)`` (waveforms from a vocoder; returns its description), raising UserError
         for what the model cannot do (see
         :class:`clipsep_jax.families.clipsonic.generator.Generator`)."""

@@ -53,12 +53,17 @@ def generation_metrics(config: ml_collections.ConfigDict, variables: dict, *,
                        progress: bool = True) -> dict:
     """{"classifier": {...}, "generation": [rows], "floor": {...}} (see the module docs)."""
     e = config.clipsonic.eval
+    neural = None  # loaded first: a vocoder of other mel settings fails before any work
+    if e.vocoder:  # waveforms from a trained vocoder too, scored like Griffin-Lim's
+        neural = trained_vocoder(e.vocoder, mel_settings(config))
     real = real_clips(config, progress=progress)
     test_source, test_mels, test_ids = real["test_source"], real["test_mels"], real["test_ids"]
     classifier = real["classifier"]
     count = len(test_source) if not config.eval.num_examples else min(
         config.eval.num_examples, len(test_source))
     out: dict[str, Any] = {"classifier": real["report"]}
+    if neural is not None:
+        out["vocoder"] = e.vocoder
     if "floor" not in real:
         out["generation"] = []
         out["note"] = (f"the classifier scores {classifier.test_accuracy:.3f} on real test "
@@ -86,10 +91,6 @@ def generation_metrics(config: ml_collections.ConfigDict, variables: dict, *,
     settings = mel_settings(config)
     vocode = jax.jit(lambda m, k: griffin_lim_from_log_mel(
         m, settings, e.griffin_lim_iterations, k))
-    neural = None
-    if e.vocoder:  # waveforms from a trained vocoder too, scored like Griffin-Lim's
-        neural = trained_vocoder(e.vocoder, settings)
-        out["vocoder"] = e.vocoder
     rows = []
     scales = [float(w) for w in e.guidance.split(",") if w.strip()]
     bar = tqdm(total=len(conditions) * len(scales) * count, unit="clip", desc="generate",

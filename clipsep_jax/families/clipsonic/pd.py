@@ -34,10 +34,16 @@ def fit_prior(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.nd
     if p.kind == "diffusion":
         prior, prior_config = load_prior(p.checkpoint, steps=p.steps, best_of=p.best_of,
                                          guidance=p.guidance, seed=config.eval.seed)
-        if prior_config is not None and _same_clips(prior_config.data, config.data):
-            raise UserError(f"config.clipsonic.prior.checkpoint={p.checkpoint!r} was trained "
-                            f"on the generator's training split ({config.data.train_split} of "
-                            f"{config.data.data_dir}): train the prior on other data")
+        if prior.network.dim != config.model.condition_dim:
+            raise UserError(f"config.clipsonic.prior.checkpoint={p.checkpoint!r} maps "
+                            f"{prior.network.dim}-dimensional embeddings; the model's are "
+                            f"{config.model.condition_dim}")
+        if prior_config is not None:
+            for split in (config.data.train_split, config.eval.split):
+                if _same_clips(prior_config.data, config.data, split):
+                    raise UserError(f"config.clipsonic.prior.checkpoint={p.checkpoint!r} was "
+                                    f"trained on the generator's {split} split of "
+                                    f"{config.data.data_dir}: train the prior on other data")
         return prior
     if p.split == config.data.train_split:
         raise UserError(f"config.clipsonic.prior.split={p.split!r} is the generator's training "
@@ -48,10 +54,11 @@ def fit_prior(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.nd
     return RetrievalPrior(unit(images).astype(np.float32), int(p.top_k))
 
 
-def _same_clips(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
-    """Whether two data configs' training splits are the same clips."""
-    return (a.name == b.name and a.train_split == b.train_split
-            and Path(a.data_dir).resolve() == Path(b.data_dir).resolve())
+def _same_clips(prior_data: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
+                split: str) -> bool:
+    """Whether the prior's training split is ``split`` of the generator's dataset."""
+    return (prior_data.name == data.name and prior_data.train_split == split
+            and Path(prior_data.data_dir).resolve() == Path(data.data_dir).resolve())
 
 
 def describe_prior(config: ml_collections.ConfigDict) -> str:

@@ -51,13 +51,14 @@ def mel_to_linear(mel_magnitudes: jax.Array, settings: mel.MelSettings,
 
 
 def griffin_lim(magnitude: jax.Array, settings: mel.MelSettings, iterations: int,
-                key: jax.Array) -> jax.Array:
-    """Linear magnitudes [..., n_fft // 2 + 1, T] -> waveform [..., hop * (T - 1)]."""
-    length = settings.hop_length * (magnitude.shape[-1] - 1)
+                key: jax.Array, length: int | None = None) -> jax.Array:
+    """Linear magnitudes [..., n_fft // 2 + 1, T] -> waveform [..., length] (default
+    hop * (T - 1); up to the samples a centred STFT read T frames from)."""
+    iteration_length = settings.hop_length * (magnitude.shape[-1] - 1)
     phase = jax.random.uniform(key, magnitude.shape, minval=-np.pi, maxval=np.pi)
     spectrum = magnitude * jnp.exp(1j * phase)
 
-    def invert(spectrum):
+    def invert(spectrum, length=iteration_length):
         return audio.istft(spectrum, hop_length=settings.hop_length,
                            win_length=settings.win_length, length=length)
 
@@ -66,12 +67,14 @@ def griffin_lim(magnitude: jax.Array, settings: mel.MelSettings, iterations: int
                              hop_length=settings.hop_length, win_length=settings.win_length)
         return magnitude * jnp.exp(1j * jnp.angle(rebuilt))
 
-    return invert(jax.lax.fori_loop(0, iterations, body, spectrum))
+    return invert(jax.lax.fori_loop(0, iterations, body, spectrum), length or iteration_length)
 
 
 def griffin_lim_from_log_mel(log_mel_values: jax.Array, settings: mel.MelSettings,
-                             iterations: int = 64, key: jax.Array | None = None) -> jax.Array:
-    """Log-mel [..., n_mels, T] (not normalised) -> waveform [..., hop * (T - 1)] float32."""
+                             iterations: int = 64, key: jax.Array | None = None,
+                             length: int | None = None) -> jax.Array:
+    """Log-mel [..., n_mels, T] (not normalised) -> waveform [..., length] float32 (default
+    hop * (T - 1))."""
     magnitudes = mel_to_linear(jnp.exp(log_mel_values), settings)
     key = jax.random.key(0) if key is None else key
-    return griffin_lim(magnitudes, settings, iterations, key)
+    return griffin_lim(magnitudes, settings, iterations, key, length)

@@ -12,7 +12,8 @@ CLIPSonic-PD:
 
 Both return L2-normalised image embeddings [N, D] for text embeddings [N, D]. The pairs are
 each clip's label-prompt text embedding with the mean embedding of its frames
-(:func:`fit_prior`).
+(:func:`image_text_pairs`; CLIPSonic's :func:`clipsep_jax.families.clipsonic.pd.fit_prior`
+fits them).
 """
 
 from __future__ import annotations

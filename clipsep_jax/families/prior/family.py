@@ -72,7 +72,6 @@ class PriorFamily(Family):
         config.train.lr_schedule = "warmup_cosine"
         config.train.lr_warmup_steps = 100
         config.train.ema_decay = 0.999
-        config.query.num_frames = 1
 
     def validate_config(self, config: ml_collections.ConfigDict) -> None:
         m = config.model
@@ -82,9 +81,10 @@ class PriorFamily(Family):
         if not 0.0 <= config.prior.condition_dropout < 1.0:
             raise UserError(f"config.prior.condition_dropout={config.prior.condition_dropout}:"
                             " must be in [0, 1)")
-        if config.prior.eval.steps < 1 or config.prior.eval.best_of < 1:
-            raise UserError(f"config.prior.eval.steps={config.prior.eval.steps} and best_of="
-                            f"{config.prior.eval.best_of}: must be >= 1")
+        if not 1 <= config.prior.eval.steps < m.num_timesteps or config.prior.eval.best_of < 1:
+            raise UserError(f"config.prior.eval.steps={config.prior.eval.steps} (from 1 to "
+                            f"config.model.num_timesteps - 1 = {m.num_timesteps - 1}) and "
+                            f"best_of={config.prior.eval.best_of} (>= 1)")
 
     def init_variables(self, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
         d = config.model.dim
@@ -103,8 +103,9 @@ class PriorFamily(Family):
         return lambda index: pairs(index)
 
     def validation_step(self, config, variables, batch):
-        return {"per_example": {"x0_mse": fixed_time_losses(config, variables["params"], batch)},
-                "summary": None}
+        errors = fixed_time_losses(config, variables["params"], batch)
+        # "loss" is what picks the best checkpoint
+        return {"per_example": {"loss": errors, "x0_mse": errors}, "summary": None}
 
     def evaluate(self, config, variables, mesh, *, progress=True):
         def pairs(split):

@@ -22,6 +22,7 @@ import numpy as np
 
 from clipsep_jax import inference
 from clipsep_jax.errors import UserError
+from clipsep_jax.families.prior.baselines import unit
 from clipsep_jax.families.prior.convert import load_prior_checkpoint
 from clipsep_jax.families.prior.network import PriorNetwork, cosine_schedule, sample_prior
 
@@ -36,26 +37,33 @@ def build_network(config: ml_collections.ConfigDict) -> PriorNetwork:
                         max_text_len=m.max_text_len, normformer=m.normformer, variant="head")
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class PairExamples:
     """``(index, rng) -> {"text": [D], "image": [D]}``: clip ``index``'s label-prompt text
-    embedding and the mean embedding of ``query.num_frames`` consecutive frames (a random
-    window in training, the middle one with ``rng=None``), both L2-normalised."""
+    embedding and the mean embedding of ``query.num_frames`` frames ``query.frame_stride``
+    apart around a centre frame (random in training, the middle one with ``rng=None``): the
+    image condition CLIPSonic trains on. Both L2-normalised."""
 
     def __init__(self, config: ml_collections.ConfigDict, source: Any):
-        self.source, self.frames = source, config.query.num_frames
+        self.source, self.dim = source, config.model.dim
+        self.frames, self.stride = config.query.num_frames, config.query.frame_stride
 
     def __call__(self, index: int, rng: np.random.Generator | None = None) -> dict:
         record = self.source[index]
-        frames = np.asarray(record["frame_embeddings"], np.float32)
-        count = min(self.frames, len(frames))
-        room = len(frames) - count
-        start = room // 2 if rng is None else int(rng.integers(0, room + 1))
-        return {"text": _unit(np.asarray(record["text_embedding"], np.float32)),
-                "image": _unit(frames[start:start + count].mean(axis=0))}
+        try:
+            frames = np.asarray(record["frame_embeddings"], np.float32)
+            text = np.asarray(record["text_embedding"], np.float32)
+        except KeyError as e:
+            raise UserError(f"the dataset's clips have no {e.args[0]!r}: the prior trains on "
+                            "CLIP frame and label-prompt embeddings (prepare it with data_prep "
+                            "and a CLIP)") from e
+        if frames.shape[-1] != self.dim or text.shape[-1] != self.dim:
+            raise UserError(f"config.model.dim={self.dim} but the dataset's embeddings have "
+                            f"{frames.shape[-1]} dimensions")
+        centre = len(frames) // 2 if rng is None else int(rng.integers(0, len(frames)))
+        offsets = (np.arange(self.frames) - self.frames // 2) * self.stride
+        window = np.clip(centre + offsets, 0, len(frames) - 1)
+        return {"text": unit(text).astype(np.float32),
+                "image": unit(frames[window].mean(axis=0)).astype(np.float32)}
 
 
 def _noisy(config: ml_collections.ConfigDict, image: jax.Array, t: jax.Array,
@@ -120,13 +128,13 @@ class LoadedPrior:
         self._run = jax.jit(run)
 
     def __call__(self, texts: np.ndarray) -> np.ndarray:
-        texts = _unit(np.asarray(texts, np.float32))
+        texts = unit(np.asarray(texts, np.float32))
         out = []
         for start in range(0, len(texts), 64):
             key = jax.random.fold_in(jax.random.key(self.seed), start)
             out.append(np.asarray(self._run(self.params, jnp.asarray(texts[start:start + 64]),
                                             key)))
-        return _unit(np.concatenate(out)).astype(np.float32)
+        return unit(np.concatenate(out)).astype(np.float32)
 
 
 def load_prior(path: str, *, steps: int = 64, best_of: int = 2, guidance: float = 1.0,
@@ -135,14 +143,22 @@ def load_prior(path: str, *, steps: int = 64, best_of: int = 2, guidance: float 
     ``diffusion_prior``; returned with its config) or a DALLE2-pytorch checkpoint file such as
     LAION's (config None; guidance must be 1: those priors have no null condition)."""
     if Path(path).is_file():
+        network, params = load_prior_checkpoint(path)
         if guidance != 1.0:
             raise UserError(f"{path}: a DALLE2-pytorch (LAION) prior has no null condition: "
                             f"guidance must be 1, not {guidance}")
-        network, params = load_prior_checkpoint(path)
+        _check_steps(path, steps, network.num_timesteps)
         return LoadedPrior(network, params, steps, best_of, 1.0, seed,
                            f"DALLE2-pytorch prior {path}"), None
     config, variables = inference.load_for_inference(path)
     if config.model.kind != "diffusion_prior":
         raise UserError(f"{path}: model kind {config.model.kind!r} is not a diffusion prior")
+    _check_steps(path, steps, config.model.num_timesteps)
     return LoadedPrior(build_network(config), variables["params"], steps, best_of, guidance,
                        seed, f"diffusion prior {path}"), config
+
+
+def _check_steps(path: str, steps: int, num_timesteps: int) -> None:
+    if not 1 <= steps < num_timesteps:
+        raise UserError(f"{path}: {steps} DDIM steps for a prior of {num_timesteps} time "
+                        "steps: use at least 1 and fewer than its time steps")

@@ -236,7 +236,9 @@ def ddim_time_pairs(num_timesteps: int, steps: int) -> list[tuple[int, int]]:
     """LAION's DDIM grid (DALLE2-pytorch 1.1.0): (t, t_next) from about T down to 0, ``steps``
     pairs; used for both variants (the current code's grid ends one step differently)."""
     times = np.linspace(0, num_timesteps, steps + 2)[:-1].astype(np.int64)[::-1]
-    return list(zip(times[:-1].tolist(), times[1:].tolist(), strict=True))
+    pairs = list(zip(times[:-1].tolist(), times[1:].tolist(), strict=True))
+    # more steps than time steps repeat a time: a (t, t) step would divide 0 by 0
+    return [(t, t_next) for t, t_next in pairs if t != t_next]
 
 
 def sample_prior(apply_fn: Any, text_embed: jax.Array, text_encodings: jax.Array | None,

@@ -35,7 +35,7 @@ __all__ = ["classifier_config", "resynthesis_metrics", "resynthesize", "format_r
 
 def classifier_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A CLIPSonic config with the vocoder config's data, framing, mel bands and classifier
-    settings: what :func:`~clipsep_jax.families.clipsonic.evaluation.real_clips` reads (the
+    settings: what :func:`~clipsep_jax.families.clipsonic.real_clips.real_clips` reads (the
     same fields give the same cached classifier as a CLIPSonic evaluation on that data)."""
     view = default_config("clipsonic")
     for section in ("data", "eval"):
@@ -59,7 +59,7 @@ def resynthesize(config: ml_collections.ConfigDict, variables: dict, waveforms: 
 
     def both(wave, key):
         log_mel = mel.log_mel(wave, settings)
-        gl = griffin_lim_from_log_mel(log_mel, settings, iterations, key)[:, :samples]
+        gl = griffin_lim_from_log_mel(log_mel, settings, iterations, key, samples)
         gl = jnp.pad(gl, ((0, 0), (0, samples - gl.shape[1])))
         return vocode(config, variables["params"]["generator"], log_mel, samples), gl
 

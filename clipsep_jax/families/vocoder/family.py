@@ -105,6 +105,11 @@ class VocoderFamily(Family):
 
     def validate_config(self, config: ml_collections.ConfigDict) -> None:
         check_choices(config, {"model.kind": self.kinds})
+        missing = sorted(set(self.model_config(config.model.kind)) - set(config.model))
+        if missing:
+            raise UserError(f"config.model lacks {', '.join(missing)} for model kind "
+                            f"{config.model.kind!r}: start from default_config("
+                            f"{config.model.kind!r}) (e.g. configs/vocoder_demo.py for istft)")
         a = config.audio
         if a.crop_samples % a.hop_length:
             raise UserError(f"config.audio.crop_samples={a.crop_samples} is not a multiple of "
@@ -156,7 +161,9 @@ class VocoderFamily(Family):
         real = mel.log_mel(wave, settings)
         fake = vocode(config, variables["params"]["generator"], real, wave.shape[1])
         distance = jnp.mean(jnp.abs(mel.log_mel(fake, settings) - real), axis=(1, 2))
-        return {"per_example": {"log_mel_distance": distance}, "summary": None}
+        # "loss" is what picks the best checkpoint
+        return {"per_example": {"loss": distance, "log_mel_distance": distance},
+                "summary": None}
 
     def evaluate(self, config, variables, mesh, *, progress=True):
         report = {"model_kind": config.model.kind}

@@ -47,8 +47,9 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ISTFTGenerator(nn.Module):
-    """``__call__(log_mel [B, n_mels, T]) -> waveform [B, hop * (T - 1)]`` (natural-log mel
-    magnitudes, as :func:`clipsep_jax.families.clipsonic.mel.log_mel` gives)."""
+    """``__call__(log_mel [B, n_mels, T], length=None) -> waveform [B, length]`` (natural-log mel
+    magnitudes, as :func:`clipsep_jax.families.clipsonic.mel.log_mel` gives; ``length``
+    defaults to hop * (T - 1) and may be up to the samples a centred STFT read T frames from)."""
 
     settings: mel.MelSettings
     dim: int = 512
@@ -58,7 +59,7 @@ class ISTFTGenerator(nn.Module):
     max_log_magnitude: float = 10.0  # exp() is clipped here (an untrained head can overflow)
 
     @nn.compact
-    def __call__(self, log_mel: jax.Array) -> jax.Array:
+    def __call__(self, log_mel: jax.Array, length: int | None = None) -> jax.Array:
         s = self.settings
         bins = s.n_fft // 2 + 1
         x = jnp.swapaxes(log_mel.astype(jnp.float32), 1, 2)  # [B, T, n_mels]
@@ -79,4 +80,4 @@ class ISTFTGenerator(nn.Module):
         magnitude = jnp.exp(jnp.minimum(log_magnitude, self.max_log_magnitude))
         spectrum = jnp.swapaxes(magnitude * jnp.exp(1j * phase), 1, 2)  # [B, bins, T]
         return audio.istft(spectrum, hop_length=s.hop_length, win_length=s.win_length,
-                           length=s.hop_length * (log_mel.shape[-1] - 1))
+                           length=length or s.hop_length * (log_mel.shape[-1] - 1))

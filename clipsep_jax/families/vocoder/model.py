@@ -10,9 +10,11 @@ steps the generator and both discriminators together on
          + L_adv(stop_gradient(discriminators); fake) + L_fm(...)                 # generator
 
 (stop-gradients route each term to its own networks, so the gradient is what two optimizers
-would apply at the same time; the reference alternates, the discriminators first). Before
-``vocoder.loss.adversarial_start_step`` only the mel term trains the generator (a warm-up; the
-discriminators are neither run nor updated).
+would apply at the same time; the reference alternates, the discriminators first; one
+``optax.clip_by_global_norm`` sees both, so keep ``train.grad_norm_clip`` high, as the
+defaults do). Before ``vocoder.loss.adversarial_start_step`` only the mel term trains the
+generator (a warm-up): the discriminators are not run and get zero gradients (AdamW's weight
+decay still shrinks them a little).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clipsep_jax import audio
 from clipsep_jax.families.clipsonic import mel
 from clipsep_jax.families.vocoder.discriminators import (
     MultiPeriodDiscriminator,
@@ -31,6 +34,7 @@ from clipsep_jax.families.vocoder.discriminators import (
     discriminator_loss,
     feature_matching_loss,
     generator_adversarial_loss,
+    mel_reconstruction_loss,
 )
 from clipsep_jax.families.vocoder.hifigan import HiFiGANGenerator
 from clipsep_jax.families.vocoder.istft import ISTFTGenerator
@@ -71,13 +75,20 @@ def build_discriminators(config: ml_collections.ConfigDict
 def vocode(config: ml_collections.ConfigDict, generator_params: Any, log_mel: jax.Array,
            samples: int) -> jax.Array:
     """Log-mels [B, n_mels, T] -> waveforms [B, samples] (cut or zero-padded)."""
-    wave = build_generator(config).apply({"params": generator_params}, log_mel)
+    generator = build_generator(config)
+    if isinstance(generator, ISTFTGenerator):  # it can make every sample the frames cover
+        wave = generator.apply({"params": generator_params}, log_mel,
+                               min(samples, config.audio.hop_length * (log_mel.shape[-1] - 1)
+                                   + config.audio.n_fft // 2))
+    else:
+        wave = generator.apply({"params": generator_params}, log_mel)
     wave = wave[:, :samples]
     return jnp.pad(wave, ((0, 0), (0, samples - wave.shape[1])))
 
 
 def segment_frames(config: ml_collections.ConfigDict) -> int:
-    return 1 + config.audio.crop_samples // config.audio.hop_length
+    """Log-mel frames of a training segment."""
+    return audio.num_frames(config.audio.crop_samples, config.audio.hop_length)
 
 
 class Segments:
@@ -105,19 +116,21 @@ def gan_loss(config: ml_collections.ConfigDict, params: dict, waveform: jax.Arra
     settings, weights = mel_settings(config), config.vocoder.loss
     real_mel = mel.log_mel(waveform, settings)
     fake = vocode(config, params["generator"], real_mel, waveform.shape[1])
-    mel_l1 = jnp.mean(jnp.abs(mel.log_mel(fake, settings) - real_mel))
+    mel_l1 = mel_reconstruction_loss(real_mel, mel.log_mel(fake, settings), weight=1.0)
 
     def adversarial(fake: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         loss_d = loss_adv = loss_fm = jnp.zeros(())
-        half = waveform.shape[0]
         for name, module in zip(("mpd", "msd"), build_discriminators(config), strict=True):
-            both = jnp.concatenate([waveform, jax.lax.stop_gradient(fake)])
-            logits, _ = module.apply({"params": params[name]}, both)
-            loss_d += discriminator_loss([x[:half] for x in logits], [x[half:] for x in logits])
+            # three passes: real and (detached) fake with the live discriminator for its
+            # loss; fake with the frozen one for the generator's. The real pass's features are
+            # the feature-matching targets (constants for the generator).
+            real_logits, real_features = module.apply({"params": params[name]}, waveform)
+            fake_logits, _ = module.apply({"params": params[name]},
+                                          jax.lax.stop_gradient(fake))
+            loss_d += discriminator_loss(real_logits, fake_logits)
             frozen = jax.lax.stop_gradient(params[name])
-            _, real_features = module.apply({"params": frozen}, waveform)
-            fake_logits, fake_features = module.apply({"params": frozen}, fake)
-            loss_adv += generator_adversarial_loss(fake_logits)
+            fooled_logits, fake_features = module.apply({"params": frozen}, fake)
+            loss_adv += generator_adversarial_loss(fooled_logits)
             loss_fm += feature_matching_loss(jax.lax.stop_gradient(real_features),
                                              fake_features)
         return loss_d, loss_adv, loss_fm
