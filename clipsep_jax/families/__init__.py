@@ -22,7 +22,8 @@ __all__ = ["FAMILY_MODULES", "KINDS", "Family", "family_of_kind", "get_family", 
 FAMILY_MODULES = {"clipsep": "clipsep_jax.families.clipsep",
                   "clipsonic": "clipsep_jax.families.clipsonic",
                   "vocoder": "clipsep_jax.families.vocoder",
-                  "prior": "clipsep_jax.families.prior"}
+                  "prior": "clipsep_jax.families.prior",
+                  "clap": "clipsep_jax.families.clap"}
 # model kind -> family name
 KINDS = {
     "clipsep": "clipsep",
@@ -35,6 +36,7 @@ KINDS = {
     "hifigan": "vocoder",
     "istft": "vocoder",
     "diffusion_prior": "prior",
+    "clap": "clap",
 }
 
 
