@@ -12,6 +12,17 @@ with the video files (see data_prep/sources.py). The dataset lands in OUT/<datas
 the skip report skipped.csv beside it; read it with tfds.data_source(<dataset>, data_dir=OUT).
 A re-run after an interruption reuses the finished work shards (OUT/_work/...).
 
+AudioCaps, for the weakly supervised text-queried separator, needs no CLIP (none is loaded):
+
+  python -m data_prep.build --dataset=audiocaps --manual_dir=IN --data_dir=OUT
+
+IN holds AudioCaps' train.csv, val.csv (optional: without it --val_fraction of train becomes val)
+and test.csv (audiocap_id,youtube_id,start_time,caption) and the clips' audio or video files,
+named {youtube_id}_{start:06d}, {youtube_id}_{start} or {youtube_id}, under IN/audio, IN/video
+or IN (or --video_dir). One example per caption: clip_id, audiocap_id, caption, its clauses and
+the 16 kHz mono waveform cropped to --max_seconds (see data_prep/audiocaps.py); skipped rows are
+in OUT/audiocaps/1.0.0/skipped.csv. It builds in this process only (no Beam).
+
 On a cluster, the same builder runs through Apache Beam; the input and output folders must be
 paths that every worker sees (a shared mount), e.g. on Flink:
 
@@ -37,11 +48,13 @@ from absl import app, flags
 
 from clipsep_jax import errors
 from clipsep_jax.encoders.clip import DEFAULT_CLIP, TEXT_TEMPLATE
+from data_prep import audiocaps
 from data_prep.builders import BUILDERS, InputOptions, clear_work_dir, skip_summary
 from data_prep.extract import ExtractOptions
 from data_prep.sources import detect_layout
 
-_DATASET = flags.DEFINE_enum("dataset", None, ["music", "vggsound"], "Which dataset to build.")
+_DATASET = flags.DEFINE_enum(
+    "dataset", None, ["music", "vggsound", "audiocaps"], "Which dataset to build.")
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir",
     None,
@@ -84,12 +97,15 @@ _ROOT = flags.DEFINE_string(
 _VIDEO_DIR = flags.DEFINE_string(
     "video_dir",
     None,
-    "Videos layout: folder searched for the video files "
-    "(default: manual_dir/video if it exists, else manual_dir).",
+    "Videos layout and audiocaps: folder searched for the media files (default: "
+    "manual_dir/video if it exists, else manual_dir; audiocaps: manual_dir/audio and "
+    "manual_dir/video, those that exist, else manual_dir).",
 )
 _CSV = flags.DEFINE_string("csv", "vggsound.csv", "Videos layout: the CSV's name in manual_dir.")
 _VAL_FRACTION = flags.DEFINE_float(
-    "val_fraction", 0.1, "Videos layout: fraction of training clips that become validation."
+    "val_fraction", 0.1,
+    "Videos layout, and audiocaps without val.csv: fraction of training clips that become "
+    "validation (chosen by a hash of the clip id)."
 )
 _TRIM = flags.DEFINE_bool(
     "trim_videos",
@@ -98,6 +114,8 @@ _TRIM = flags.DEFINE_bool(
     "clip_seconds from each row's start_seconds.",
 )
 _CLIP_SECONDS = flags.DEFINE_float("clip_seconds", 10.0, "Segment length with --trim_videos.")
+_MAX_SECONDS = flags.DEFINE_float(
+    "max_seconds", 10.0, "audiocaps: each clip is cropped to at most this many seconds.")
 _SAMPLE_RATE = flags.DEFINE_integer("sample_rate", 16000, "Audio is resampled to this (Hz).")
 _FPS = flags.DEFINE_float("fps", 1.0, "Video frame rate of the frame embeddings.")
 _MIN_SAMPLES = flags.DEFINE_integer(
@@ -137,10 +155,57 @@ def build_dataset(argv_flags=None) -> tuple:
                 "(on a cluster, a shared mount at the same path on every worker)")
     if not os.path.isdir(_MANUAL_DIR.value):
         raise app.UsageError(f"--manual_dir={_MANUAL_DIR.value}: no such folder")
+    use_beam = bool(_BEAM_RUNNER.value or _BEAM_OPTIONS.value)
+    if _DATASET.value == "audiocaps":
+        if use_beam:
+            raise app.UsageError(
+                "--beam_runner/--beam_options: audiocaps is built in this process only")
+        audiocaps.split_files(_MANUAL_DIR.value)  # names the CSV it lacks
+        builder = audiocaps.Audiocaps(
+            data_dir=_DATA_DIR.value,
+            sample_rate=_SAMPLE_RATE.value,
+            max_seconds=_MAX_SECONDS.value,
+            silence_threshold=_SILENCE.value,
+            val_fraction=_VAL_FRACTION.value,
+            media_dir=_VIDEO_DIR.value,
+            num_workers=_WORKERS.value,
+            work_dir=_WORK_DIR.value,
+        )
+    else:
+        builder = _clip_dataset_builder(use_beam)
+    if _FRESH.value:
+        clear_work_dir(builder.work_dir)
+    beam_runner = beam_options = None
+    if use_beam:
+        import apache_beam as beam  # optional ([beam] extra); only Beam runs need it
+
+        beam_options = beam.options.pipeline_options.PipelineOptions(
+            shlex.split(_BEAM_OPTIONS.value or "")
+        )
+        if _BEAM_RUNNER.value:
+            beam_runner = _BEAM_RUNNER.value
+    mode = (
+        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+        if _OVERWRITE.value or _FRESH.value
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
+    config = tfds.download.DownloadConfig(
+        manual_dir=_MANUAL_DIR.value,
+        download_mode=mode,
+        beam_runner=beam_runner,
+        beam_options=beam_options,
+    )
+    start = time.perf_counter()
+    builder.download_and_prepare(download_config=config)
+    return builder, time.perf_counter() - start
+
+
+def _clip_dataset_builder(use_beam: bool):
+    """The ``music`` or ``vggsound`` builder (waveform, STFT, CLIP embeddings) the flags
+    describe."""
     if _LAYOUT.value == "auto":
         detect_layout(_MANUAL_DIR.value)  # names the folder and what it lacks
-    use_beam = bool(_BEAM_RUNNER.value or _BEAM_OPTIONS.value)
-    builder = BUILDERS[_DATASET.value](
+    return BUILDERS[_DATASET.value](
         data_dir=_DATA_DIR.value,
         clip=_CLIP.value,
         clip_dtype=_CLIP_DTYPE.value,
@@ -170,31 +235,6 @@ def build_dataset(argv_flags=None) -> tuple:
         bert_pooling=_BERT_POOLING.value,
         bert_template=_BERT_TEMPLATE.value,
     )
-    if _FRESH.value:
-        clear_work_dir(builder.work_dir)
-    beam_runner = beam_options = None
-    if use_beam:
-        import apache_beam as beam  # optional ([beam] extra); only Beam runs need it
-
-        beam_options = beam.options.pipeline_options.PipelineOptions(
-            shlex.split(_BEAM_OPTIONS.value or "")
-        )
-        if _BEAM_RUNNER.value:
-            beam_runner = _BEAM_RUNNER.value
-    mode = (
-        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-        if _OVERWRITE.value or _FRESH.value
-        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    )
-    config = tfds.download.DownloadConfig(
-        manual_dir=_MANUAL_DIR.value,
-        download_mode=mode,
-        beam_runner=beam_runner,
-        beam_options=beam_options,
-    )
-    start = time.perf_counter()
-    builder.download_and_prepare(download_config=config)
-    return builder, time.perf_counter() - start
 
 
 def print_summary(builder, seconds: float) -> None:
@@ -229,7 +269,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _DATASET.value is None:
-        raise app.UsageError("--dataset is required (music or vggsound)")
+        raise app.UsageError("--dataset is required (music, vggsound or audiocaps)")
     try:
         builder, seconds = build_dataset()
     except errors.USER_ERRORS as e:  # the message names the file, split or value

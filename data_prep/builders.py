@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -222,17 +223,7 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         if self.use_beam:
             for stale in glob.glob(os.path.join(self.work_dir, "beam-skipped-*")):
                 os.remove(stale)
-        by_split = collections.defaultdict(list)
-        for source in sources:
-            by_split[source.split].append(source)
-        listed = {s.split for s in skips} | set(by_split)
-        empty = sorted(split for split in listed if not by_split.get(split))
-        if empty:
-            report = write_skip_report(self._work_report_dir(), skips)
-            raise UserError(
-                f"{manual_dir}: no usable clip listed for split(s) {', '.join(empty)}; "
-                f"{len(skips)} rows skipped, listed with their reasons in {report} ("
-                + ", ".join(f"{n} x {r}" for r, n in skip_summary(skips).items()) + ")")
+        by_split = group_by_split(sources, skips, manual_dir, self._work_report_dir(), "clip")
         return {split: self._generate_examples(split, items) for split, items in by_split.items()}
 
     def _generate_examples(self, split: str, sources: Sequence[ClipSource]):
@@ -397,6 +388,24 @@ def _load_shard(path: str, shard: Sequence[ClipSource]) -> tuple[list[ExtractedC
         for m, w, e, r in zip(meta["clips"], waveforms, embeddings, resnet, strict=True)
     ]
     return clips, [Skip(**s) for s in meta["skips"]]
+
+
+def group_by_split(items: Sequence[Any], skips: Sequence[Skip], manual_dir: str,
+                   report_dir: str, what: str) -> dict[str, list]:
+    """``items`` (each with ``.split``) by split; a split listed (by an item or a skip) without
+    a usable item is refused, naming the skip report written into ``report_dir``."""
+    by_split: dict[str, list] = collections.defaultdict(list)
+    for item in items:
+        by_split[item.split].append(item)
+    listed = {s.split for s in skips} | set(by_split)
+    empty = sorted(split for split in listed if not by_split.get(split))
+    if empty:
+        report = write_skip_report(report_dir, skips)
+        raise UserError(
+            f"{manual_dir}: no usable {what} listed for split(s) {', '.join(empty)}; "
+            f"{len(skips)} rows skipped, listed with their reasons in {report} ("
+            + ", ".join(f"{n} x {r}" for r, n in skip_summary(skips).items()) + ")")
+    return dict(by_split)
 
 
 def write_skip_report(version_dir: str, skips: Sequence[Skip]) -> str:

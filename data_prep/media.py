@@ -23,12 +23,14 @@ __all__ = [
     "SkipClip",
     "load_audio_file",
     "decode_video",
+    "decode_audio_stream",
     "check_waveform",
     "frame_paths",
     "load_frame",
 ]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".flv", ".m4v")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
 
 
 class SkipClip(Exception):  # noqa: N818 (a skip, not an error)
@@ -185,6 +187,50 @@ def decode_video(
         raise SkipClip("no audio stream: the video has none")
     if "video" not in kinds:
         raise SkipClip("missing frames: the file has no video stream")
+    waveform, notes = _decode_audio(path, info, sample_rate, start_seconds, duration_seconds)
+    decoded = len(waveform) / sample_rate
+    seek = ["-ss", f"{start_seconds:.3f}"] if start_seconds else []
+    span = ["-t", f"{duration_seconds:.3f}"] if duration_seconds else []
+
+    os.makedirs(frames_dir, exist_ok=True)
+    frame_cmd = [
+        "ffmpeg",
+        "-nostdin",
+        "-v",
+        "error",
+        *seek,
+        "-i",
+        path,
+        *span,
+        "-an",
+        "-vf",
+        f"fps={fps}",
+        "-q:v",
+        "2",
+        os.path.join(frames_dir, "%06d.jpg"),
+    ]
+    result = subprocess.run(frame_cmd, capture_output=True, check=False)
+    frames = sorted(f for f in os.listdir(frames_dir) if f.endswith(".jpg"))
+    if result.returncode != 0 or not frames:
+        message = result.stderr.decode(errors="replace").strip().splitlines()
+        raise SkipClip(f"missing frames: {message[-1] if message else 'no frames decoded'}")
+    expected_frames = int(np.floor(decoded * fps))
+    if len(frames) < expected_frames - 1:
+        raise SkipClip(
+            f"truncated media: {len(frames)} frames for {decoded:.2f} s of audio at {fps:g} fps"
+        )
+    return waveform, [os.path.join(frames_dir, f) for f in frames], notes
+
+
+def _decode_audio(
+    path: str,
+    info: dict,
+    sample_rate: int,
+    start_seconds: float | None,
+    duration_seconds: float | None,
+) -> tuple[np.ndarray, list[str]]:
+    """The first audio stream of a probed media file -> (mono float32 at ``sample_rate``, notes),
+    through ffmpeg; raises :class:`SkipClip` when it is unreadable or shorter than declared."""
     declared = float(info.get("format", {}).get("duration", "nan"))
     notes = []
     stream = next(s for s in info["streams"] if s.get("codec_type") == "audio")
@@ -229,32 +275,31 @@ def decode_video(
         raise SkipClip(
             f"truncated media: decoded {decoded:.2f} s of audio, {expected:.2f} s declared"
         )
+    return waveform, notes
 
-    os.makedirs(frames_dir, exist_ok=True)
-    frame_cmd = [
-        "ffmpeg",
-        "-nostdin",
-        "-v",
-        "error",
-        *seek,
-        "-i",
-        path,
-        *span,
-        "-an",
-        "-vf",
-        f"fps={fps}",
-        "-q:v",
-        "2",
-        os.path.join(frames_dir, "%06d.jpg"),
-    ]
-    result = subprocess.run(frame_cmd, capture_output=True, check=False)
-    frames = sorted(f for f in os.listdir(frames_dir) if f.endswith(".jpg"))
-    if result.returncode != 0 or not frames:
-        message = result.stderr.decode(errors="replace").strip().splitlines()
-        raise SkipClip(f"missing frames: {message[-1] if message else 'no frames decoded'}")
-    expected_frames = int(np.floor(decoded * fps))
-    if len(frames) < expected_frames - 1:
+
+def decode_audio_stream(
+    path: str,
+    sample_rate: int,
+    *,
+    start_seconds: float | None = None,
+    duration_seconds: float | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """The audio of any file ffmpeg reads (a video's audio track, M4A, ...) -> (mono float32
+    waveform at ``sample_rate``, notes); ``start_seconds``/``duration_seconds`` cut a segment.
+
+    Raises :class:`SkipClip` when ffmpeg or ffprobe is not on PATH (naming what installs them),
+    and for missing, unreadable or truncated files and files without an audio stream.
+    """
+    if not os.path.exists(path):
+        raise SkipClip("media file not found: " + path)
+    missing = [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
+    if missing:
         raise SkipClip(
-            f"truncated media: {len(frames)} frames for {decoded:.2f} s of audio at {fps:g} fps"
+            f"ffmpeg not found: decoding {os.path.splitext(path)[1] or 'such'} files needs "
+            f"{' and '.join(missing)} on PATH (Debian: apt install ffmpeg)"
         )
-    return waveform, [os.path.join(frames_dir, f) for f in frames], notes
+    info = _probe(path)
+    if "audio" not in {s.get("codec_type") for s in info.get("streams", [])}:
+        raise SkipClip("no audio stream: the file has none")
+    return _decode_audio(path, info, sample_rate, start_seconds, duration_seconds)

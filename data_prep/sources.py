@@ -23,7 +23,16 @@ from collections.abc import Iterable
 
 from data_prep.media import VIDEO_EXTENSIONS
 
-__all__ = ["ClipSource", "Skip", "SPLITS", "detect_layout", "read_index", "read_videos"]
+__all__ = [
+    "ClipSource",
+    "Skip",
+    "SPLITS",
+    "detect_layout",
+    "read_index",
+    "read_videos",
+    "index_media",
+    "find_media",
+]
 
 SPLITS = ("train", "val", "test")
 
@@ -144,6 +153,29 @@ def _is_validation(clip_id: str, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 
+def index_media(folders: Iterable[str], extensions: Iterable[str]) -> dict[str, str]:
+    """{file name without extension: path} of the files under ``folders`` (walked in the order
+    given, files sorted by name within a folder) whose extension, in any case, is one of
+    ``extensions`` (with the dot: ``.wav``). The first file of a stem wins."""
+    extensions = tuple(e.lower() for e in extensions)
+    by_stem: dict[str, str] = {}
+    for top in folders:
+        for folder, _, files in os.walk(top):
+            for name in sorted(files):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() in extensions:
+                    by_stem.setdefault(stem, os.path.join(folder, name))
+    return by_stem
+
+
+def find_media(by_stem: dict[str, str], youtube_id: str, start_seconds: int) -> str | None:
+    """The file of a YouTube clip in :func:`index_media`'s map: the first of the stems
+    ``{youtube_id}_{start_seconds:06d}``, ``{youtube_id}_{start_seconds}`` and ``{youtube_id}``
+    that is there, or None."""
+    candidates = (f"{youtube_id}_{start_seconds:06d}", f"{youtube_id}_{start_seconds}", youtube_id)
+    return next((by_stem[c] for c in candidates if c in by_stem), None)
+
+
 def read_videos(
     manual_dir: str,
     video_dir: str | None = None,
@@ -162,12 +194,7 @@ def read_videos(
         if os.path.isdir(os.path.join(manual_dir, "video"))
         else manual_dir
     )
-    by_stem: dict[str, str] = {}
-    for folder, _, files in os.walk(video_dir):
-        for name in sorted(files):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in VIDEO_EXTENSIONS:
-                by_stem.setdefault(stem, os.path.join(folder, name))
+    by_stem = index_media([video_dir], VIDEO_EXTENSIONS)
     csv_path = os.path.join(manual_dir, csv_name)
     sources, skips = [], []
     with open(csv_path, newline="") as f:
@@ -195,8 +222,7 @@ def read_videos(
             clip_id = f"{youtube_id}_{start_seconds:06d}"
             if split == "train" and _is_validation(clip_id, val_fraction):
                 split = "val"
-            candidates = (clip_id, f"{youtube_id}_{start_seconds}", youtube_id)
-            path = next((by_stem[c] for c in candidates if c in by_stem), None)
+            path = find_media(by_stem, youtube_id, start_seconds)
             if path is None:
                 skips.append(
                     Skip(

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,11 +12,14 @@ import pytest
 import soundfile as sf
 import tensorflow_datasets as tfds
 from conftest import tiny_hf_config
-from media_trees import SR, index_tree, videos_tree
+from media_trees import SR, index_tree, tone, videos_tree
 
 from clipsep_jax import audio
 from clipsep_jax.clip import CLIP, config_from_transformers, text_prompt
-from data_prep import build, extract, media
+from clipsep_jax.errors import UserError
+from clipsep_jax.families.weaksep.captions import split_caption
+from data_prep import audiocaps, build, extract, media
+from data_prep.sources import _is_validation
 
 TINY = config_from_transformers(tiny_hf_config())
 
@@ -343,3 +347,134 @@ def test_a_manual_dir_without_index_files_is_one_line(tmp_path, tiny_clip_dir):
                        f"--clip={tiny_clip_dir}")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "neither train.csv" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# AudioCaps (data_prep/audiocaps.py): captions with their clauses and 16 kHz waveforms, no CLIP
+
+AUDIOCAPS_HEADER = ["audiocap_id", "youtube_id", "start_time", "caption"]
+
+
+def write_audiocaps_csv(path, rows) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([AUDIOCAPS_HEADER, *rows])
+
+
+def audiocaps_tree(root) -> None:
+    """Three 1.5 s clips (one at 22050 Hz, one named by its bare YouTube id), train.csv and
+    test.csv with good rows and three bad ones; no val.csv: bird09's clip id hashes into val."""
+    (root / "audio").mkdir(parents=True)
+    sf.write(root / "audio" / "man00_000030.wav", tone(1.5, SR, 220, seed=1), SR)
+    sf.write(root / "audio" / "bird09_10.wav", tone(1.5, 22050, 330, seed=2), 22050)
+    sf.write(root / "audio" / "car.wav", tone(1.5, SR, 440, seed=3), SR)
+    write_audiocaps_csv(root / "train.csv", [
+        [101, "man00", 30, "A man speaks and a dog barks"],
+        [102, "bird09", 10, "Birds chirp, wind blows"],
+        [103, "gone00", 0, "A door creaks"],  # no media file
+        [104, "man00", "thirty", "A man speaks"],  # malformed start
+    ])
+    write_audiocaps_csv(root / "test.csv", [
+        [201, "car", 0, "A car passes by"],
+        [202, "car", 0, "An engine hums then a horn honks"],
+        [203, "car", 0, ""],  # empty caption
+    ])
+
+
+@pytest.fixture(scope="module")
+def audiocaps_build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audiocaps_in")
+    audiocaps_tree(root)
+    out = tmp_path_factory.mktemp("audiocaps_out")
+    builder = build.run(["--dataset=audiocaps", f"--manual_dir={root}", f"--data_dir={out}",
+                         "--max_seconds=1.25", "--num_workers=2"])
+    return root, out, builder
+
+
+def test_audiocaps_builds_and_reads_back(audiocaps_build):
+    root, out, builder = audiocaps_build
+    assert not _is_validation("man00_000030", 0.1) and _is_validation("bird09_000010", 0.1)
+    sources = tfds.data_source("audiocaps", data_dir=str(out))
+    examples = {split: {int(ex["audiocap_id"]): ex for ex in (src[i] for i in range(len(src)))}
+                for split, src in sources.items()}
+    assert {split: sorted(by_id) for split, by_id in examples.items()} == {
+        "train": [101], "val": [102], "test": [201, 202]}
+    man = examples["train"][101]
+    assert man["clip_id"].decode() == "man00_000030"
+    assert man["caption"].decode() == "A man speaks and a dog barks"
+    assert [c.decode() for c in man["clauses"]] == ["A man speaks", "A dog barks"]
+    assert split_caption("A man speaks and a dog barks") == ["A man speaks", "A dog barks"]
+    engine = examples["test"][202]
+    assert engine["clip_id"].decode() == "car_000000"  # the bare {youtube_id} file
+    assert [c.decode() for c in engine["clauses"]] == ["An engine hums", "A horn honks"]
+    # 16 kHz mono float32 cropped to --max_seconds=1.25: 20000 samples; 22050 Hz resampled.
+    for by_id in examples.values():
+        for ex in by_id.values():
+            assert ex["waveform"].dtype == np.float32 and ex["waveform"].shape == (20000,)
+    stored, _ = sf.read(root / "audio" / "man00_000030.wav", dtype="float32")
+    np.testing.assert_array_equal(man["waveform"], stored[:20000])
+    want, _ = librosa.load(root / "audio" / "bird09_10.wav", sr=SR, mono=True)
+    np.testing.assert_allclose(examples["val"][102]["waveform"], want[:20000], atol=1e-5)
+    np.testing.assert_array_equal(examples["test"][201]["waveform"], engine["waveform"])
+    metadata = tfds.builder_from_directory(os.fspath(builder.data_path)).info.metadata
+    assert metadata["sample_rate"] == SR
+    assert metadata["caption_splitter"] == "weaksep.captions.split_caption"
+    assert builder.last_notes == {"resampled from 22050 Hz": 1}
+
+
+def test_audiocaps_skip_report(audiocaps_build):
+    _, _, builder = audiocaps_build
+    rows = read_report(builder.data_path)
+    got = {(r["split"], r["source"].split(" ")[0]): r["reason"] for r in rows}
+    assert set(got) == {("train", "train.csv:4"), ("train", "train.csv:5"),
+                        ("test", "test.csv:4")}, rows
+    assert got["train", "train.csv:4"].startswith("media file not found: none named gone00_000000")
+    assert got["train", "train.csv:5"] == "malformed csv row: start_time 'thirty' is not a number"
+    assert got["test", "test.csv:4"].startswith("empty caption")
+    assert len(builder.last_skips) == 3
+
+
+def test_audiocaps_reader_refusals_and_row_skips(tmp_path):
+    (tmp_path / "a_000000.wav").write_bytes(b"")  # found by name; never decoded here
+    write_audiocaps_csv(tmp_path / "train.csv", [[1, "a", 0, "A dog barks"]])
+    with pytest.raises(FileNotFoundError, match=r"test\.csv: AudioCaps needs test\.csv"):
+        audiocaps.read_audiocaps(str(tmp_path))
+    write_audiocaps_csv(tmp_path / "test.csv", [
+        [2, "a", 0, "Birds chirp"],
+        [2, "a", 0, "A duplicate id"],
+        [3, "a", 0, ", ,"],  # no clause
+        [4, "a", 0],  # a column short
+    ])
+    write_audiocaps_csv(tmp_path / "val.csv", [[5, "a", 0, "Rain falls"]])
+    rows, skips = audiocaps.read_audiocaps(str(tmp_path), val_fraction=1.0)
+    assert [(r.split, r.audiocap_id) for r in rows] == [("train", 1), ("val", 5), ("test", 2)]
+    assert sorted((s.source.split(" ")[0], s.reason.split(":")[0]) for s in skips) == [
+        ("test.csv:3", "duplicate id"), ("test.csv:4", "caption without a clause"),
+        ("test.csv:5", "malformed csv row")]
+    with open(tmp_path / "val.csv", "w") as f:
+        f.write("id,video,caption\n1,a,x\n")
+    with pytest.raises(UserError, match=r"val\.csv: the first row .*\(missing audiocap_id"):
+        audiocaps.read_audiocaps(str(tmp_path))
+
+
+def test_audiocaps_decoding_skips(tmp_path, monkeypatch):
+    short, silent, clip = (str(tmp_path / n) for n in ("short.wav", "silent.wav", "clip.wav"))
+    sf.write(short, tone(0.5, SR, 220), SR)
+    sf.write(silent, np.zeros(2 * SR, np.float32), SR)
+    sf.write(clip, tone(2.0, SR, 220), SR)
+    with pytest.raises(media.SkipClip, match=r"audio too short: 8000 samples \(0.50 s\) < 1 s"):
+        audiocaps.load_clip_audio(short)
+    with pytest.raises(media.SkipClip, match="silent audio"):
+        audiocaps.load_clip_audio(silent)
+    (tmp_path / "not_audio.wav").write_bytes(b"not a wav file")
+    with pytest.raises(media.SkipClip, match="unreadable audio"):
+        audiocaps.load_clip_audio(str(tmp_path / "not_audio.wav"))
+    m4a = str(tmp_path / "clip.m4a")
+    if shutil.which("ffmpeg"):  # the audio track through ffmpeg
+        subprocess.run(["ffmpeg", "-v", "error", "-i", clip, "-c:a", "aac", m4a], check=True)
+        waveform, _ = audiocaps.load_clip_audio(m4a, max_seconds=1.5)
+        assert waveform.dtype == np.float32 and len(waveform) == int(1.5 * SR)
+    else:
+        (tmp_path / "clip.m4a").write_bytes(b"")
+    monkeypatch.setattr(media.shutil, "which", lambda tool: None)
+    with pytest.raises(media.SkipClip, match=r"ffmpeg not found: decoding \.m4a files needs"):
+        audiocaps.load_clip_audio(m4a)
