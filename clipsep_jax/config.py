@@ -11,6 +11,9 @@ schema. :func:`validate` checks every field with a fixed set of choices, in one 
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from clipsep_jax.encoders import ENCODERS
@@ -101,6 +104,9 @@ def default_config(kind: str = "clipsep") -> ml_collections.ConfigDict:
     config.data.train_split = "train"
     config.data.val_split = "val"
     config.data.test_split = "test"
+    # Train on every train_stride-th clip of the training split from train_offset (1, 0: all).
+    config.data.train_stride = 1
+    config.data.train_offset = 0
     config.data.num_workers = 8  # input worker processes per host (the reference's workers)
     config.data.cache_in_memory = False  # keep decoded records (datasets that fit in memory)
     # Build the dataset on first use when it is missing (synth_music only: it needs no input).
@@ -131,6 +137,10 @@ def default_config(kind: str = "clipsep") -> ml_collections.ConfigDict:
     # interferers (synth_music's held_out, say).
     config.eval.extra_splits = ""
     config.eval.num_audio_examples = 0  # mixtures written as audio and pictures with the table
+
+    # Runs python -m clipsep_jax.main trains first, each "CONFIG_FILE[:ARG]=WORKDIR" (comma-
+    # separated): models this one reads (e.g. a frozen encoder); a finished run is reused.
+    config.prerequisites = ""
 
     # Device mesh (clipsep_jax/sharding.py): the batch is split over data x fsdp devices;
     # parameters and optimizer state of at least fsdp_min_size elements are split over fsdp.
@@ -190,6 +200,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if t[name] < 1:
             raise UserError(f"config.train.{name}={t[name]}: must be >= 1")
     family.validate_config(config)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``FILE.py`` or ``FILE.py:ARG`` -> the file's ``get_config()`` (``get_config(ARG)``), as
+    ``--config`` reads it."""
+    path, _, argument = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"config file {path!r} has no get_config()")
+    return module.get_config(argument) if argument else module.get_config()
+
+
+def prerequisite_runs(config: ml_collections.ConfigDict
+                      ) -> list[tuple[str, ml_collections.ConfigDict, str]]:
+    """``config.prerequisites`` -> [(its spec, its config, its workdir)], in order."""
+    runs = []
+    for entry in (e.strip() for e in config.prerequisites.split(",")):
+        if not entry:
+            continue
+        spec, _, workdir = entry.partition("=")
+        if not spec.strip() or not workdir.strip():
+            raise UserError(f"config.prerequisites: {entry!r} is not CONFIG_FILE[:ARG]=WORKDIR")
+        runs.append((spec.strip(), load_config_file(spec.strip()), workdir.strip()))
+    return runs
 
 
 def migrate(saved: dict) -> dict:

@@ -38,6 +38,7 @@ __all__ = [
     "GlobalBatches",
     "training_batches",
     "sharded_batches",
+    "every_nth",
 ]
 
 
@@ -83,6 +84,32 @@ def open_split(data: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
     if data.cache_in_memory:
         source = MemoryCachedSource(source)
     return source, dict(builder.info.metadata or {})
+
+
+class EveryNth:
+    """Records ``offset``, ``offset + stride``, ... of a random-access source."""
+
+    def __init__(self, source: Any, stride: int, offset: int):
+        self.source, self.stride, self.offset = source, stride, offset
+        self.size = max(0, -(-(len(source) - offset) // stride))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"record {index} of {self.size}")
+        return self.source[self.offset + index * self.stride]
+
+
+def every_nth(source: Any, stride: int, offset: int) -> Any:
+    """``source`` itself for stride 1, else every ``stride``-th record from ``offset``
+    (``config.data.train_stride`` / ``train_offset``: disjoint parts of one training split, e.g.
+    one for a frozen encoder and one for the model that uses it)."""
+    if stride < 1 or not 0 <= offset < stride:
+        raise UserError(f"config.data.train_stride={stride}, train_offset={offset}: need stride "
+                        ">= 1 and 0 <= offset < stride")
+    return source if stride == 1 else EveryNth(source, stride, offset)
 
 
 def _newest_version(data: ml_collections.ConfigDict) -> str:

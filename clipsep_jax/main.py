@@ -13,13 +13,13 @@ from __future__ import annotations
 import sys
 
 import jax
-import ml_collections
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clipsep_jax import config as config_lib
-from clipsep_jax import errors, evaluate, sharding, train
+from clipsep_jax import errors, sharding, train
+from clipsep_jax.runs import run_prerequisites, train_and_report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
@@ -27,34 +27,6 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize(): auto does on TPU pods and under SLURM with several "
     "tasks, or when JAX_COORDINATOR_ADDRESS is set.")
-
-
-def _prepare_dataset(config) -> None:
-    """Builds a dataset that needs no input (``config.data.prepare_if_missing``); on several hosts
-    the first builds it and the others then read it."""
-    # data_prep is the offline job's package; only this option needs it at training time.
-    from data_prep import synth_music
-
-    if jax.process_count() == 1:
-        synth_music.prepare_for_config(config)
-        return
-    if jax.process_index() == 0:
-        synth_music.prepare_for_config(config)
-    multihost_utils.sync_global_devices("dataset prepared")
-    if jax.process_index() != 0:
-        synth_music.prepare_for_config(config)
-
-
-def _evaluation_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """The configs of the evaluations after training: ``config`` itself, then one per split of
-    ``config.eval.extra_splits`` (that split's clips queried and interfering)."""
-    configs = [config]
-    for split in (s.strip() for s in config.eval.extra_splits.split(",")):
-        if split:
-            extra = ml_collections.ConfigDict(config.to_dict())
-            extra.eval.split, extra.eval.interference_split = split, ""
-            configs.append(extra)
-    return configs
 
 
 def main(argv):
@@ -80,17 +52,8 @@ def _run(config, workdir: str) -> int:
         print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} "
               f"devices ({jax.local_device_count()} local, {jax.devices()[0].platform})",
               flush=True)
-        if config.data.prepare_if_missing:
-            _prepare_dataset(config)
-        train.train_and_evaluate(config, workdir)
-        if config.eval.after_training:
-            for split_config in _evaluation_configs(config):
-                report, path = evaluate.run(split_config, workdir, "best")
-                if jax.process_index() == 0:
-                    print("\n" + evaluate.format_table(report), flush=True)
-                    print(f"evaluation: {path.with_suffix('.md')} and {path.name}", flush=True)
-                    for folder in report.get("audio_examples", []):
-                        print(f"example: {folder}/", flush=True)
+        run_prerequisites(config)
+        train_and_report(config, workdir)
     except train.NonFiniteLossError as e:
         return errors.report(e, code=1)
     except train.Stopped as e:

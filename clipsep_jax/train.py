@@ -123,25 +123,35 @@ def create_train_state(
     )
 
 
+def with_frozen(model_state: dict, frozen: dict | None) -> dict:
+    """The model state a family's loss and validation read: the trained state, plus the frozen
+    variables (:meth:`~clipsep_jax.families.base.Family.frozen_variables`) under ``"frozen"``."""
+    return {**model_state, "frozen": frozen} if frozen else model_state
+
+
 def train_step(
     config: ml_collections.ConfigDict,
     optimizer: optax.GradientTransformation,
     state: TrainState,
     batch: dict,
+    frozen: dict | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on a batch of the family's training examples.
 
-    Pure: jit it with ``config`` and ``optimizer`` closed over. Returns the new state and the
-    metrics: ``loss``, ``grad_norm``, ``learning_rate`` and whatever the family's loss reports.
+    Pure: jit it with ``config`` and ``optimizer`` closed over. ``frozen``: the family's frozen
+    variables, read by its loss, neither trained nor kept in the state. Returns the new state and
+    the metrics: ``loss``, ``grad_norm``, ``learning_rate`` and whatever the family's loss reports.
     """
     family = get_family(config)
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-        return family.loss(config, params, state.model_state, batch, rng, state.step)
+        return family.loss(config, params, with_frozen(state.model_state, frozen), batch, rng,
+                           state.step)
 
     (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
+    model_state = {k: v for k, v in model_state.items() if k != "frozen"}
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
@@ -175,8 +185,8 @@ def sharded_train_step(
     mesh: jax.sharding.Mesh, state_shardings: Any,
 ):
     """:func:`train_step` jit-compiled for ``mesh``: the state keeps ``state_shardings`` and is
-    donated; the batch comes as global arrays (:func:`clipsep_jax.sharding.global_batch`);
-    metrics are replicated."""
+    donated; the batch comes as global arrays (:func:`clipsep_jax.sharding.global_batch`), the
+    frozen variables (if any) replicated; metrics are replicated."""
     return jax.jit(
         functools.partial(train_step, config, optimizer),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -351,11 +361,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         f"{mesh.devices.size} devices")
 
     train_source, metadata = input_pipeline.open_split(config.data, config.data.train_split)
+    train_source = input_pipeline.every_nth(train_source, config.data.train_stride,
+                                            config.data.train_offset)
     val_source, _ = input_pipeline.open_split(config.data, config.data.val_split)
     batches = input_pipeline.training_batches(
         config, family.training_transform(config, train_source, metadata), len(train_source),
         mesh, rows)
     val_transform = family.validation_transform(config, val_source, metadata)
+    frozen = family.frozen_variables(config)
+    frozen = sharding.replicate(frozen, mesh) if frozen else None
 
     optimizer = make_optimizer(config)
     state, shardings = sharded_train_state(config, jax.random.PRNGKey(t.seed), optimizer, mesh)
@@ -415,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             for step in range(start_step + 1, t.num_steps + 1):
                 if step == t.profile_start_step:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                state, metrics = step_fn(state, next(batches))
+                state, metrics = step_fn(state, next(batches), frozen)
                 if pending is not None:
                     check(pending)
                 pending = (step, metrics)
@@ -449,7 +463,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     timer, timer_step = time.perf_counter(), step
                 val_scalars = None
                 if validate_now:
-                    val_scalars, summaries = validate(config, family, _variables(state),
+                    variables = _variables(state)
+                    if frozen:
+                        variables["frozen"] = frozen
+                    val_scalars, summaries = validate(config, family, variables,
                                                       val_transform, len(val_source), mesh,
                                                       validation_fn)
                     if val_scalars:

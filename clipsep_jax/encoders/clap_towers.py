@@ -525,6 +525,13 @@ class ClapModel(nn.Module):
         hidden, pooled = self.text_model(input_ids, attention_mask)
         return hidden.astype(jnp.float32), pooled.astype(jnp.float32)
 
+    def text_states_and_embedding(self, input_ids: jax.Array, attention_mask: jax.Array):
+        """Token ids and mask [B, L] -> (last hidden states [B, L, hidden], L2-normalised text
+        embeddings [B, projection_dim]), float32, from one pass of the text tower."""
+        hidden, pooled = self.text_model(input_ids, attention_mask)
+        return (hidden.astype(jnp.float32),
+                l2_normalize(self.text_projection(pooled).astype(jnp.float32)))
+
     def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """Token ids and mask [B, L] -> L2-normalised text embeddings [B, projection_dim]."""
         _, pooled = self.text_model(input_ids, attention_mask)

@@ -97,6 +97,14 @@ class Family(abc.ABC):
         Pure and jit-able; ``rng`` is already folded with ``step``; ``metrics`` are scalars
         logged beside the loss."""
 
+    def frozen_variables(self, config: ml_collections.ConfigDict) -> dict:
+        """Arrays the loss and validation read but never train (e.g. a frozen encoder's
+        parameters), as host arrays by name; ``{}`` for none. The training loop places them
+        replicated on the mesh and hands them to :meth:`loss` and :meth:`validation_step` in the
+        model state under ``"frozen"``; they are not checkpointed (the family loads them again
+        from where its config says)."""
+        return {}
+
     # -- data -------------------------------------------------------------------------------
 
     def rows_per_step(self, config: ml_collections.ConfigDict) -> int:
