@@ -23,7 +23,8 @@ FAMILY_MODULES = {"clipsep": "clipsep_jax.families.clipsep",
                   "clipsonic": "clipsep_jax.families.clipsonic",
                   "vocoder": "clipsep_jax.families.vocoder",
                   "prior": "clipsep_jax.families.prior",
-                  "clap": "clipsep_jax.families.clap"}
+                  "clap": "clipsep_jax.families.clap",
+                  "weaksep": "clipsep_jax.families.weaksep"}
 # model kind -> family name
 KINDS = {
     "clipsep": "clipsep",
@@ -37,6 +38,7 @@ KINDS = {
     "istft": "vocoder",
     "diffusion_prior": "prior",
     "clap": "clap",
+    "weaksep": "weaksep",
 }
 
 

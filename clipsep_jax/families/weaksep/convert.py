@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from clipsep_jax.config import default_config
+from clipsep_jax.encoders.common import read_weight_file
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.weaksep.unet import CondAttentionUNet, QueryHead
 
@@ -253,3 +257,33 @@ def params_from_reference_state_dict(state_dict: Mapping[str, Any]) -> tuple[dic
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return variables["params"], variables["batch_stats"]
+
+
+def load_reference_checkpoint(path: str | Path) -> tuple[ml_collections.ConfigDict, dict]:
+    """The reference's training checkpoint (``model_best.pth.tar``, ``model_latest.pth.tar``:
+    its ``state_dict``, read with ``weights_only``) -> (a ``weaksep`` config at the checkpoint's
+    sizes, Flax variables ``{"params": {"unet", "query_head"}, "batch_stats": {"unet"}}``).
+
+    The number of attention heads is not in the weights: the released scripts' 8 is kept. The
+    frozen CLAP is not converted from the checkpoint's copy: ``weaksep.clap`` names LAION's
+    ``laion/larger_clap_music`` (the architecture of the paper's
+    ``music_audioset_epoch_15_esc_90.14.pt``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    state = read_weight_file(str(path))
+    try:
+        settings = unet_settings_from_state_dict(state)
+        params, batch_stats = params_from_reference_state_dict(state)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from e
+    if "query_head" not in params:
+        raise UserError(f"{path}: a U-Net state dict without the query head (net_clap.fc, "
+                        "net_synthesizer); give the training checkpoint")
+    config = default_config("weaksep")
+    for field, value in settings.items():
+        config.model[field] = value
+    kernel = params["query_head"]["query_projection"]["dense"]["kernel"]
+    config.model.embedding_dim = int(kernel.shape[0])
+    return config, {"params": params, "batch_stats": batch_stats}

@@ -36,19 +36,22 @@ RECONSTRUCTION_WEIGHT = 5.0
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def stft_magphase(waveform: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def stft_magphase(waveform: jax.Array, *, n_fft: int = N_FFT, hop_length: int = HOP_LENGTH
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """STFT (n_fft 1022, hop 256, periodic Hann of 1022, centred with reflect padding) split as
     torchlibrosa's ``magphase``.
 
     Args:
-      waveform: float [..., L] (L > 511); 131,070 samples give 512 frames.
+      waveform: float [..., L] (L > n_fft // 2); 131,070 samples give 512 frames.
+      n_fft, hop_length: the reference's 1022 and 256 (the window is a periodic Hann of n_fft).
     Returns:
-      (magnitude, cos, sin), each float32 [..., 512, 1 + L // 256] (frequency, then time):
+      (magnitude, cos, sin), each float32 [..., n_fft // 2 + 1, 1 + L // hop_length] (frequency,
+      then time):
       magnitude = sqrt(re^2 + im^2); cos = re / max(magnitude, 1e-10) and sin likewise, so both
       are 0 at zero-magnitude bins. The magnitude's gradient is undefined at exact zeros; the
       reference differentiates through none of these (inputs and targets are detached).
     """
-    spectrum = audio.stft(waveform, n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=N_FFT)
+    spectrum = audio.stft(waveform, n_fft=n_fft, hop_length=hop_length, win_length=n_fft)
     real, imag = jnp.real(spectrum), jnp.imag(spectrum)
     magnitude = jnp.sqrt(real * real + imag * imag)
     denominator = jnp.maximum(magnitude, MAGNITUDE_FLOOR)
@@ -62,7 +65,8 @@ def unet_input(magnitude: jax.Array) -> jax.Array:
 
 
 def masked_waveform(mask: jax.Array, magnitude: jax.Array, cos: jax.Array, sin: jax.Array,
-                    length: int = AUDIO_LENGTH) -> jax.Array:
+                    length: int = AUDIO_LENGTH, *, n_fft: int = N_FFT,
+                    hop_length: int = HOP_LENGTH) -> jax.Array:
     """The waveform of a masked magnitude with the mixture's phase.
 
     iSTFT of (mask * |X|) * (cos + i sin), as ``librosa.istft(center=True, length=length)`` with
@@ -72,12 +76,13 @@ def masked_waveform(mask: jax.Array, magnitude: jax.Array, cos: jax.Array, sin: 
       mask: [..., 512, T]; magnitude, cos, sin: [..., 512, T] from :func:`stft_magphase` of the
         mixture (broadcast against ``mask``).
       length: output samples (131,070).
+      n_fft, hop_length: those of :func:`stft_magphase`.
     Returns:
       float32 [..., length]; differentiable in ``mask``.
     """
     estimate = mask * magnitude
     spectrum = jax.lax.complex(estimate * cos, estimate * sin)
-    return audio.istft(spectrum, hop_length=HOP_LENGTH, win_length=N_FFT, length=length)
+    return audio.istft(spectrum, hop_length=hop_length, win_length=n_fft, length=length)
 
 
 def mixtures_of_mixtures(sources: jax.Array, *, reference_target_scaling: bool = True
