@@ -22,6 +22,10 @@ the CLAP's 128-wide token states; the CLAP's audio tower repeat-pads the 1 s sep
 its 2 s input. ``python -m clipsep_jax.families.weaksep.ablation --config=configs/weak_demo.py``
 trains URL only, URL + CRL and the full loss on the same data and prints their tables side by
 side.
+
+Measured on a fresh clone, 2-core CPU, from nothing: 10 min 57 s. CLAP zero-shot top-1 0.886
+(test) / 0.455 (held_out); the separator's text queries 2.85 ± 0.32 dB SDR against the mixture's
+0.00 (88 test mixtures). The ablation (21 min): URL only 3.16, URL + CRL 2.01, full 2.85.
 """
 
 from pathlib import Path
