@@ -6,6 +6,8 @@ What a model reads is its family's business (``Family.training_transform`` and
 for every family:
 
 - :func:`open_split`: a random-access source of one split, and the dataset's metadata;
+  :func:`record_column`: one text feature of every record (labels, clip ids, captions) from the
+  record index ``data_prep`` writes beside the dataset, without reading the records;
 - :func:`training_batches`: an endless, shuffled, per-host sharded stream of batches with the
   family's transform running inside grain's reader threads (or worker processes), each batch
   placed on the mesh as one global array per key (:class:`GlobalBatches`; its grain iterator is
@@ -17,6 +19,7 @@ for every family:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,14 +29,17 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import flags
+from absl import flags, logging
 
 from clipsep_jax import sharding
 from clipsep_jax.errors import UserError
 
 __all__ = [
-    "MemoryCachedSource",
+    "RECORD_INDEX_FILE",
+    "SplitSource",
     "open_split",
+    "record_column",
+    "as_text",
     "training_dataset",
     "GlobalBatches",
     "training_batches",
@@ -42,31 +48,86 @@ __all__ = [
 ]
 
 
-class MemoryCachedSource:
-    """A random-access source that keeps every record it has decoded.
+RECORD_INDEX_FILE = "record_index.json"
 
-    ArrayRecord decompresses a whole record (the clip's STFT: about 2 MB per 8 s) to read any
-    part of it, about 8 ms per record on one core; a dataset that fits in memory pays that once.
-    Thread-safe for grain's reader threads; worker processes would each hold a copy.
+
+class SplitSource:
+    """One split's records by index, and its text columns.
+
+    ArrayRecord decompresses a whole record (a clip's waveform, STFT and embeddings: megabytes)
+    to read any feature of it, about 6-8 ms per record on one core. ``columns`` ({feature: [text
+    per record]}, from the record index ``data_prep`` writes) answers "which label / clip / caption
+    is record i" without that. With ``cache_in_memory``, every record read is kept (thread-safe for
+    grain's reader threads; worker processes would each hold a copy).
     """
 
-    def __init__(self, source: Any):
-        self.source = source
-        self.records: dict[int, dict] = {}
+    def __init__(self, records: Any, columns: dict[str, list] | None = None,
+                 cache_in_memory: bool = False):
+        self.records, self.columns = records, dict(columns or {})
+        self.cache: dict[int, dict] | None = {} if cache_in_memory else None
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        record = self.records.get(index)
+        if self.cache is None:
+            return self.records[index]
+        record = self.cache.get(index)
         if record is None:
-            record = self.records[index] = self.source[index]
+            record = self.cache[index] = self.records[index]
         return record
+
+    def column(self, name: str) -> list | None:
+        """Feature ``name`` of every record from the index, or None when it has none."""
+        return self.columns.get(name)
+
+
+def as_text(value: Any) -> Any:
+    """A Text feature's value (bytes, str) as str; a Sequence of them as a list of str."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return as_text(value.item())
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [as_text(v) for v in value]
+    return str(value)
+
+
+def record_column(source: Any, name: str) -> list:
+    """Text feature ``name`` of every record of ``source``, in order (str, or a list of str for
+    a Sequence of Text): from the dataset's record index when ``source`` (from
+    :func:`open_split`, possibly through :func:`every_nth`) has that column, else read record by
+    record (datasets prepared before the index, plain lists of dicts)."""
+    column = getattr(source, "column", None)
+    values = column(name) if column is not None else None
+    if values is None:
+        values = [as_text(source[i][name]) for i in range(len(source))]
+    return list(values)
+
+
+def _read_record_index(version_dir: str, split: str, size: int) -> dict[str, list]:
+    """The columns of ``split`` in ``version_dir/record_index.json``; {} (with a warning: every
+    record is then read where a column is needed) when the file is missing or does not fit."""
+    path = os.path.join(version_dir, RECORD_INDEX_FILE)
+    if not os.path.isfile(path):
+        logging.warning("%s: no %s (prepared before it); labels and captions are read record "
+                        "by record. Re-run data_prep to write it.", version_dir,
+                        RECORD_INDEX_FILE)
+        return {}
+    with open(path) as f:
+        columns = json.load(f).get(split, {})
+    stale = sorted(name for name, values in columns.items() if len(values) != size)
+    if stale:
+        logging.warning("%s: columns %s of split %s do not have its %d records; ignored", path,
+                        stale, split, size)
+    return {name: values for name, values in columns.items() if name not in stale}
 
 
 def open_split(data: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
-    """(random-access TFDS source of ``split``, the dataset's metadata) for ``config.data``;
-    records stay in memory once read when ``data.cache_in_memory``."""
+    """(:class:`SplitSource` of ``split``, the dataset's metadata) for ``config.data``; records
+    stay in memory once read when ``data.cache_in_memory``."""
     if not data.data_dir:
         raise UserError("config.data.data_dir is empty: point it at data_prep's --data_dir")
     if not os.path.isdir(os.path.join(data.data_dir, data.name)):
@@ -74,16 +135,18 @@ def open_split(data: ml_collections.ConfigDict, split: str) -> tuple[Any, dict]:
             f"config.data.data_dir={data.data_dir}: no dataset {data.name!r} there (no folder "
             f"{os.path.join(data.data_dir, data.name)}); prepare it with python -m data_prep.build "
             "--data_dir=... or point config.data.data_dir at data_prep's output")
-    builder = tfds.builder_from_directory(_newest_version(data))
+    version_dir = _newest_version(data)
+    builder = tfds.builder_from_directory(version_dir)
     sources = builder.as_data_source()
     if split not in sources:
         raise UserError(
             f"{data.name} in {data.data_dir} has no split {split!r} (it has {sorted(sources)})"
         )
-    source = sources[split]
-    if data.cache_in_memory:
-        source = MemoryCachedSource(source)
-    return source, dict(builder.info.metadata or {})
+    records = sources[split]
+    columns = _read_record_index(version_dir, split, len(records))
+    return (SplitSource(records, columns, bool(data.cache_in_memory)),
+            dict(builder.info.metadata or {}))
+
 
 
 class EveryNth:
@@ -100,6 +163,11 @@ class EveryNth:
         if not 0 <= index < self.size:
             raise IndexError(f"record {index} of {self.size}")
         return self.source[self.offset + index * self.stride]
+
+    def column(self, name: str) -> list | None:
+        column = getattr(self.source, "column", None)
+        values = column(name) if column is not None else None
+        return None if values is None else values[self.offset::self.stride]
 
 
 def every_nth(source: Any, stride: int, offset: int) -> Any:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.weaksep.captions import split_caption
 from data_prep import media, tfds_compat
-from data_prep.builders import group_by_split, skip_summary, write_skip_report
+from data_prep.builders import group_by_split, skip_summary, write_record_index, write_skip_report
 from data_prep.sources import Skip, _is_validation, find_media, index_media
 
 __all__ = [
@@ -400,5 +400,6 @@ class Audiocaps(tfds.core.GeneratorBasedBuilder):
         if self._skips is None:  # already prepared: nothing was generated this time
             return
         write_skip_report(os.fspath(self.data_path), self._skips)
+        write_record_index(self)
         self.last_skips = list(self._skips)
         self.last_notes = dict(self._notes)

@@ -14,7 +14,9 @@ Two ways to run the same extraction:
 - through Apache Beam (``use_beam=True`` and a ``beam_runner`` in the download config): one
   element per clip, batched for CLIP, on any Beam runner (DirectRunner, Dataflow, Spark, Flink).
 
-The skip report ``skipped.csv`` (split, source, reason) is written into the version folder.
+The skip report ``skipped.csv`` (split, source, reason) and the record index
+``record_index.json`` (each split's text features in record order) are written into the version
+folder.
 """
 
 from __future__ import annotations
@@ -45,12 +47,15 @@ from clipsep_jax.encoders.bert import BERT
 from clipsep_jax.encoders.clip import CLIP, DEFAULT_CLIP, text_prompt
 from clipsep_jax.encoders.resnet import ResNet
 from clipsep_jax.errors import UserError
+from clipsep_jax.files import write_text_atomic
+from clipsep_jax.input_pipeline import RECORD_INDEX_FILE, as_text
 from data_prep import tfds_compat
 from data_prep.extract import ExtractedClip, ExtractOptions, Extractor, make_example
 from data_prep.media import require_ffmpeg
 from data_prep.sources import ClipSource, Skip, detect_layout, read_index, read_videos
 
-__all__ = ["ClipDatasetBuilder", "Music", "Vggsound", "BUILDERS", "features", "skip_summary"]
+__all__ = ["ClipDatasetBuilder", "Music", "Vggsound", "BUILDERS", "features", "skip_summary",
+           "write_record_index"]
 
 _STFT_LAYOUT = (
     "stft[t, f] = (real, imag) of the centred STFT (Hann, reflect padding) of the whole "
@@ -326,6 +331,7 @@ class ClipDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                 with open(path) as f:
                     skips += [Skip(**json.loads(line)) for line in f if line.strip()]
         write_skip_report(os.fspath(self.data_path), skips)
+        write_record_index(self)
         self.last_skips = skips
         self.last_notes = dict(self._notes)
 
@@ -419,6 +425,34 @@ def write_skip_report(version_dir: str, skips: Sequence[Skip]) -> str:
     with open(path + ".tmp", "w", newline="") as f:
         f.write(buffer.getvalue())
     os.replace(path + ".tmp", path)
+    return path
+
+
+def _is_text(feature: tfds.features.FeatureConnector) -> bool:
+    return isinstance(feature, tfds.features.Text) or (
+        isinstance(feature, tfds.features.Sequence) and isinstance(feature.feature,
+                                                                   tfds.features.Text))
+
+
+def write_record_index(builder: tfds.core.DatasetBuilder) -> str:
+    """Writes ``record_index.json`` into the prepared version folder: {split: {feature: [value of
+    record 0, 1, ...]}} for every text feature (Text, or a Sequence of Text as a list), in the
+    order the records are read. Training groups clips by label, clip or caption from it without
+    reading the records (megabytes each; :func:`clipsep_jax.input_pipeline.record_column`).
+    One pass over the written dataset, the other features left undecoded."""
+    features = builder.info.features
+    text = [name for name, feature in features.items() if _is_text(feature)]
+    decoders = {name: tfds.decode.SkipDecoding() for name in features if name not in text}
+    index = {}
+    for split, source in builder.as_data_source(decoders=decoders).items():
+        columns: dict[str, list] = {name: [] for name in text}
+        for i in range(len(source)):
+            record = source[i]
+            for name in text:
+                columns[name].append(as_text(record[name]))
+        index[split] = columns
+    path = os.path.join(os.fspath(builder.data_path), RECORD_INDEX_FILE)
+    write_text_atomic(path, json.dumps(index))
     return path
 
 

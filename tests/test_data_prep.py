@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import librosa
+import ml_collections
 import numpy as np
 import pytest
 import soundfile as sf
@@ -14,7 +15,7 @@ import tensorflow_datasets as tfds
 from conftest import tiny_hf_config
 from media_trees import SR, index_tree, tone, videos_tree
 
-from clipsep_jax import audio
+from clipsep_jax import audio, input_pipeline
 from clipsep_jax.clip import CLIP, config_from_transformers, text_prompt
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.weaksep.captions import split_caption
@@ -431,6 +432,33 @@ def test_audiocaps_skip_report(audiocaps_build):
     assert got["train", "train.csv:5"] == "malformed csv row: start_time 'thirty' is not a number"
     assert got["test", "test.csv:4"].startswith("empty caption")
     assert len(builder.last_skips) == 3
+
+
+@pytest.mark.parametrize("which", ["music", "audiocaps"])
+def test_record_index_gives_each_records_text_without_reading_it(which, index_build,
+                                                                 audiocaps_build, monkeypatch):
+    out = (index_build if which == "music" else audiocaps_build)[1]
+    data = ml_collections.ConfigDict({"data_dir": str(out), "name": which,
+                                      "cache_in_memory": False})
+    names = ["label", "id", "split"] if which == "music" else ["clip_id", "caption", "clauses"]
+    for split in ("train", "test"):
+        source, _ = input_pipeline.open_split(data, split)
+        read = [source[i] for i in range(len(source))]
+        want = {name: [input_pipeline.as_text(r[name]) for r in read] for name in names}
+        records = source.records
+        monkeypatch.setattr(source, "records", None)  # any record read now fails
+        assert {name: input_pipeline.record_column(source, name) for name in names} == want
+        monkeypatch.setattr(source, "records", records)
+        every = input_pipeline.every_nth(source, 2, 1)
+        assert input_pipeline.record_column(every, names[0]) == want[names[0]][1::2]
+    if which == "audiocaps":
+        assert input_pipeline.record_column(source, "clauses")[0] == [
+            c.decode() for c in read[0]["clauses"]]
+    # A dataset prepared before the index: the columns come from the records themselves.
+    monkeypatch.setattr(input_pipeline, "RECORD_INDEX_FILE", "absent.json")
+    source, _ = input_pipeline.open_split(data, "test")
+    assert source.column(names[0]) is None
+    assert input_pipeline.record_column(source, names[0]) == want[names[0]]
 
 
 def test_audiocaps_reader_refusals_and_row_skips(tmp_path):

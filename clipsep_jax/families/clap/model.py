@@ -49,7 +49,7 @@ from clipsep_jax.encoders.clap_towers import (
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.clap.tokenizer import PAD_TOKEN_ID, text_length, tokenize
 from clipsep_jax.families.weaksep.captions import clean_label
-from clipsep_jax.input_pipeline import open_split
+from clipsep_jax.input_pipeline import open_split, record_column
 
 __all__ = ["clap_config", "front_end", "build_model", "crop_samples", "init_variables",
            "full_params", "split_statistics", "logit_scales", "positive_targets",
@@ -224,7 +224,7 @@ def label_names(config: ml_collections.ConfigDict, metadata: dict) -> list[str]:
     if metadata.get("labels"):
         return [str(label) for label in metadata["labels"]]
     source, _ = open_split(config.data, config.data.train_split)
-    return sorted({_label(source[i]) for i in range(len(source))})
+    return sorted(set(record_column(source, "label")))
 
 
 def _label(record: dict) -> str:

@@ -23,7 +23,7 @@ from clipsep_jax.families.clipsonic.classifier import (
     train_classifier,
 )
 from clipsep_jax.families.clipsonic.model import MiddleCrops, TrainingCrops, clean_mels
-from clipsep_jax.input_pipeline import open_split
+from clipsep_jax.input_pipeline import open_split, record_column
 
 __all__ = ["real_clips", "clip_mels", "CLASSIFIER_VERSION"]
 
@@ -32,12 +32,8 @@ CLASSIFIER_VERSION = "mel-cnn-1d"
 
 
 def _label_ids(source: Any, labels: list[str]) -> np.ndarray:
-    out = []
-    for i in range(len(source)):
-        label = source[i]["label"]
-        label = label.decode() if isinstance(label, bytes) else str(label)
-        out.append(labels.index(label))
-    return np.asarray(out, np.int32)
+    return np.asarray([labels.index(label) for label in record_column(source, "label")],
+                      np.int32)
 
 
 def clip_mels(config: ml_collections.ConfigDict, waveforms: np.ndarray) -> np.ndarray:

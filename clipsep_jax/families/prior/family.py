@@ -28,7 +28,7 @@ from clipsep_jax.families.prior.model import (
     fixed_time_losses,
     prior_loss,
 )
-from clipsep_jax.input_pipeline import open_split
+from clipsep_jax.input_pipeline import open_split, record_column
 
 __all__ = ["PriorFamily"]
 
@@ -112,8 +112,7 @@ class PriorFamily(Family):
             source, _ = open_split(config.data, split)
             examples = PairExamples(config, source)
             rows = [examples(i) for i in range(len(source))]
-            labels = [source[i]["label"] for i in range(len(source))]
-            labels = [x.decode() if isinstance(x, bytes) else str(x) for x in labels]
+            labels = record_column(source, "label")
             return (np.stack([r["text"] for r in rows]), np.stack([r["image"] for r in rows]),
                     labels)
 

@@ -35,13 +35,10 @@ import numpy as np
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.clap.tokenizer import tokenize
 from clipsep_jax.families.weaksep.captions import choose_clauses, clean_label
+from clipsep_jax.input_pipeline import record_column
 
 __all__ = ["Clips", "Prompts", "TrainingExamples", "PairExamples", "fill_template",
            "clause_key"]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def fill_template(template: str, labels: Sequence[str]) -> str:
@@ -75,7 +72,8 @@ class Prompts:
 
 
 class Clips:
-    """One split's records: labels or captions, crops and gains."""
+    """One split's records: labels or captions (from the dataset's record index, see
+    :func:`clipsep_jax.input_pipeline.record_column`), crops and gains."""
 
     def __init__(self, config: ml_collections.ConfigDict, source: Any, split: str):
         self.source, self.split = source, split
@@ -88,33 +86,37 @@ class Clips:
         if not self.captioned and "label" not in first:
             raise UserError(f"split {split!r} of {config.data.name}: records have neither "
                             "'label' nor 'caption'; the weaksep family needs one of them")
-        # Labelled clips are grouped by label; captioned ones by clip (AudioCaps' validation and
-        # test clips have five captions each: a mixture must not meet its own clip).
+        if self.captioned:
+            self._captions = record_column(source, "caption")
+            self._clauses = record_column(source, "clauses")
+            # AudioCaps' validation and test clips have five captions each: a mixture must not
+            # meet its own clip.
+            self._groups = (record_column(source, "clip_id") if "clip_id" in first
+                            else [str(i) for i in range(len(source))])
+        else:
+            self._labels = self._groups = record_column(source, "label")
         self.by_label: dict[str, list[int]] = {}
-        for i in range(len(source)):
-            self.by_label.setdefault(self.group(i), []).append(i)
+        for i, group in enumerate(self._groups):
+            self.by_label.setdefault(group, []).append(i)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def group(self, index: int) -> str:
         """What must differ between the clips of one example: the label, or the clip."""
-        record = self.source[index]
-        if not self.captioned:
-            return _text(record["label"])
-        return _text(record["clip_id"]) if "clip_id" in record else str(index)
+        return self._groups[index]
 
     def label(self, index: int) -> str:
-        return _text(self.source[index]["label"])
+        return self._labels[index]
 
     def caption(self, index: int) -> str:
-        caption = _text(self.source[index]["caption"]).strip()
+        caption = self._captions[index].strip()
         if not caption:
             raise UserError(f"clip {index} of split {self.split!r} has an empty caption")
         return caption
 
     def clauses(self, index: int) -> list[str]:
-        clauses = [_text(c) for c in self.source[index]["clauses"]]
+        clauses = list(self._clauses[index])
         if not clauses:
             raise UserError(f"clip {index} of split {self.split!r} has no clauses (caption "
                             f"{self.caption(index)!r})")
