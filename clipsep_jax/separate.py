@@ -234,10 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "SOP's ResNet, or BERTSep's BERT (default: the config's)")
     parser.add_argument("--channels", default="each", choices=("each", "downmix"),
                         help="separate each channel, or their mean (written to every channel)")
-    parser.add_argument("--window_frames", type=int, default=4096,
-                        help="STFT frames per model window (4096: about 65 s)")
-    parser.add_argument("--overlap_frames", type=int, default=256,
-                        help="frames shared and cross-faded by neighbouring windows")
+    parser.add_argument("--window_frames", type=int, default=None,
+                        help="STFT frames per model window (default: the model's; CLIPSep "
+                             "4096, about 65 s; weaksep its training crop)")
+    parser.add_argument("--overlap_frames", type=int, default=None,
+                        help="frames shared and cross-faded by neighbouring windows (default: "
+                             "the model's; CLIPSep 256, weaksep a quarter window)")
     args = parser.parse_args(argv)
     try:
         queries: list[Any] = []
@@ -262,9 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              args.model_kind)
         except (ValueError, OSError) as e:  # the message names the file and the problem
             raise SeparationError(str(e)) from e
-        separator = get_family(config).separator(
-            config, variables, clip=args.clip, window_frames=args.window_frames,
-            overlap_frames=args.overlap_frames)
+        windows = {k: v for k, v in (("window_frames", args.window_frames),
+                                     ("overlap_frames", args.overlap_frames)) if v is not None}
+        separator = get_family(config).separator(config, variables, clip=args.clip, **windows)
         separator.check_queries(queries)
         _check_output_dir(Path(args.output_dir))
     except SeparationError as e:

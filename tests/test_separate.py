@@ -24,7 +24,13 @@ from clipsep_jax.separate import (
     output_names,
     query_file_name,
 )
-from clipsep_jax.separation import SeparationError, signal_to_distortion
+from clipsep_jax.separation import (
+    SeparationError,
+    blend_windows,
+    separate_channels,
+    signal_to_distortion,
+    window_starts,
+)
 
 
 def two_instrument_mix(seconds: float, rate: int = 16000):
@@ -39,6 +45,62 @@ def class_frame(label: str) -> np.ndarray:
     colour = np.array([220, 60, 40] if label == "accordion" else [40, 80, 220], np.float32)
     noise = np.random.default_rng(7).normal(0, 20, (64, 64, 3))
     return np.clip(colour + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("frames,window,overlap", [(50, 64, 16), (64, 64, 16), (300, 64, 16),
+                                                   (301, 32, 31), (1000, 128, 1)])
+def test_blended_windows_give_back_a_framewise_models_masks(frames, window, overlap):
+    """A model whose masks depend on each frame alone gives the same masks window by window as
+    over the whole recording: the cross-fades weigh to 1 everywhere."""
+    starts = window_starts(frames, window, overlap)
+    assert starts[0] == 0 and starts[-1] == max(0, frames - window)
+    assert all(0 < b - a <= window - overlap for a, b in zip(starts, starts[1:], strict=False))
+    magnitude = np.random.default_rng(frames).random((5, frames)).astype(np.float32)
+    calls, fractions = [], []
+
+    def masks_of(windows):
+        calls.append(windows.shape)
+        return np.stack([np.tanh(windows), windows**2], axis=1)
+
+    masks = blend_windows(magnitude, window, overlap, masks_of, batch_size=3,
+                          progress=fractions.append)
+    np.testing.assert_allclose(masks, np.stack([np.tanh(magnitude), magnitude**2]), rtol=1e-5)
+    assert all(shape[0] <= 3 and shape[1:] == (5, window) for shape in calls)
+    assert sum(shape[0] for shape in calls) == len(starts) and fractions[-1] == 1.0
+    with pytest.raises(SeparationError, match="overlap"):
+        window_starts(frames, window, window)
+
+
+def test_channels_rates_and_the_residual_around_any_lane_separator():
+    """separate_channels: each channel (or the mean) at the model's rate, outputs like the input,
+    the residual = input - what the queries took, progress over lanes, bad input named."""
+    rate, model_rate = 22050, 16000
+    stereo = np.random.default_rng(0).normal(0, 0.1, (2 * rate, 2)).astype(np.float32)
+    seen = []
+
+    def halves(lane, progress):
+        seen.append(len(lane))
+        if progress is not None:
+            progress(1.0)
+        return np.stack([lane / 2, lane / 4]), 3 * lane / 4, len(seen)
+
+    fractions = []
+    outputs, first = separate_channels(stereo, rate, model_rate, halves, progress=fractions.append)
+    assert seen == [2 * model_rate] * 2 and first == 1
+    assert [o.shape for o in outputs] == [stereo.shape] * 3
+    np.testing.assert_allclose(sum(outputs[:2]) + outputs[2], stereo, atol=1e-6)
+    np.testing.assert_allclose(outputs[2], stereo - 3 * outputs[1], atol=1e-6)
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+    down, _ = separate_channels(stereo, rate, model_rate, halves, channels="downmix")
+    np.testing.assert_allclose(down[0][:, 0], down[0][:, 1])
+    mono, _ = separate_channels(stereo[:, 0], model_rate, model_rate, halves)
+    np.testing.assert_allclose(mono[0], stereo[:, 0] / 2, rtol=1e-6)
+    for bad, match in [(np.zeros((0,)), "expected audio"), (np.full(8, np.nan), "NaN"),
+                       (np.zeros((4, 2, 2)), "expected audio")]:
+        with pytest.raises(SeparationError, match=match):
+            separate_channels(bad, rate, model_rate, halves)
+    with pytest.raises(SeparationError, match="channels must be"):
+        separate_channels(stereo, rate, model_rate, halves, channels="left")
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,10 @@ from clipsep_jax.encoders.clip import text_prompt
 from clipsep_jax.families.clipsep.model import forward
 from clipsep_jax.separation import (
     SeparationError,
+    blend_windows,
     linear_masks,
     masked_waveforms,
+    separate_channels,
     with_residual,
 )
 
@@ -188,43 +190,18 @@ class Separator:
         # bucket of 256 frames (a few compiled shapes, little padding).
         bucket = -(-max(256, multiple) // multiple) * multiple
         fitted = -(-frames // bucket) * bucket
-        one_pass = one_pass or fitted <= self.window_frames
-        if one_pass:
-            width = -(-frames // multiple) * multiple if fitted > self.window_frames else fitted
-            starts, window = [0], width
-        else:
-            window = self.window_frames
-            hop = window - self.overlap_frames
-            starts = list(range(0, max(frames - window, 0) + 1, hop))
-            if starts[-1] + window < frames:
-                starts.append(frames - window)
-        # Frames past the end repeat the recording backwards: zeros would be silence the model
-        # never heard next to sound (log(1e-10)), and would colour the last real frames.
-        extra = max(frames, starts[-1] + window) - frames
-        padded = np.pad(magnitude, ((0, 0), (0, extra)), mode="symmetric")
-        # Linear cross-fades over the overlaps, flat (weight 1) in between.
-        fade = np.linspace(0.0, 1.0, min(self.overlap_frames, window) + 2)[1:-1]
-        ramp = np.ones(window, np.float32)
-        if not one_pass:
-            ramp[: len(fade)] = fade
-            ramp[window - len(fade) :] = fade[::-1]
-        total = np.zeros((len(embeddings), self.config.audio.num_log_freq_bins
-                          if self.config.audio.log_freq else magnitude.shape[0], padded.shape[1]),
-                         np.float32)
-        weight = np.zeros(padded.shape[1], np.float32)
+        window = self.window_frames
+        if one_pass or fitted <= self.window_frames:
+            window = -(-frames // multiple) * multiple if fitted > self.window_frames else fitted
         queries = jnp.asarray(embeddings[None], jnp.float32)
-        for i in range(0, len(starts), self.batch_size):
-            chunk = starts[i : i + self.batch_size]
-            windows = np.stack([padded[:, s : s + window] for s in chunk])
-            probs = np.asarray(self._probabilities(
+
+        def probabilities(windows: np.ndarray) -> np.ndarray:
+            return np.asarray(self._probabilities(
                 self.variables, jnp.asarray(windows),
-                jnp.broadcast_to(queries, (len(chunk), *embeddings.shape))))
-            for s, p in zip(chunk, probs, strict=True):
-                total[:, :, s : s + window] += p * ramp
-                weight[s : s + window] += ramp
-            if progress is not None:
-                progress(min(1.0, (i + len(chunk)) / len(starts)))
-        return total[:, :, :frames] / weight[:frames]
+                jnp.broadcast_to(queries, (len(windows), *embeddings.shape))))
+
+        return blend_windows(magnitude, window, min(self.overlap_frames, window - 1),
+                             probabilities, batch_size=self.batch_size, progress=progress)
 
     def separate_mono(self, waveform: np.ndarray, embeddings: np.ndarray,
                       one_pass: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -232,12 +209,13 @@ class Separator:
         the union of the queries' masks applied to it, so with one query the two add up to the
         recording. A recording shorter than one STFT window (``n_fft`` samples) or silent comes
         back as silent estimates and itself as the residual."""
-        estimates, residual, _, _ = self._separate_lane(waveform, embeddings, one_pass, None)
-        return estimates, residual
+        estimates, taken, _ = self._separate_lane(waveform, embeddings, one_pass, None)
+        return estimates, waveform - taken
 
     def _separate_lane(self, waveform, embeddings, one_pass, progress):
-        """:meth:`separate_mono`, plus the mask probabilities [N, F', T] and the mixture's
-        magnitude [F', T] on the model's frequency axis."""
+        """16 kHz mono [S] -> (estimates [N, S], what the queries took together [S], (the mask
+        probabilities [N, F', T], the mixture's magnitude [F', T]) on the model's frequency
+        axis)."""
         a = self.config.audio
         length = len(waveform)
         waveform = waveform.astype(np.float32)
@@ -249,12 +227,12 @@ class Separator:
             magnitude = np.asarray(audio.warp_to_log_frequency(magnitude, a.num_log_freq_bins))
         if length < a.n_fft or not np.any(waveform):
             silent = np.zeros((len(embeddings), length), np.float32)
-            return silent, waveform.copy(), np.zeros((len(embeddings), *magnitude.shape),
-                                                     np.float32), magnitude
+            return silent, np.zeros(length, np.float32), (
+                np.zeros((len(embeddings), *magnitude.shape), np.float32), magnitude)
         probabilities = self.masks(mix_stft, embeddings, one_pass, progress)
         waves = np.asarray(self._reconstruct(jnp.asarray(probabilities), jnp.asarray(mix_stft),
                                              len(padded)))[:, :length]
-        return waves[:-1], waveform - waves[-1], probabilities, magnitude
+        return waves[:-1], waves[-1], (probabilities, magnitude)
 
     def separate_in_order(self, waveform: np.ndarray, sample_rate: int,
                           queries: Sequence[str | np.ndarray], *, channels: str = "each",
@@ -276,43 +254,13 @@ class Separator:
                           progress: Callable[[float], None] | None = None) -> Separation:
         """:meth:`separate_in_order`'s outputs with the first channel's masks and mixture
         spectrogram (:class:`Separation`), for pictures."""
-        waveform = np.asarray(waveform, np.float32)
-        mono_input = waveform.ndim == 1
-        data = waveform[:, None] if mono_input else waveform
-        if data.ndim != 2 or data.shape[0] == 0:
-            raise SeparationError(f"expected audio [samples] or [samples, channels], got "
-                                  f"{waveform.shape}")
-        if not np.isfinite(data).all():
-            raise SeparationError("the recording contains NaN or infinite samples")
-        if channels not in ("each", "downmix"):
-            raise SeparationError(f"channels must be 'each' or 'downmix', got {channels!r}")
         embeddings = self.embed_queries(queries)
-        rate = self.config.audio.sample_rate
-        lanes = [data.mean(axis=1)] if channels == "downmix" else list(data.T)
-        per_lane, first = [], None
-        for index, lane in enumerate(lanes):
-            at_rate = audio.resample(lane, sample_rate, rate)
-            lane_progress = None
-            if progress is not None:
-                lane_progress = functools.partial(_scaled, progress, index, len(lanes))
-            estimates, residual, masks, mixture = self._separate_lane(
-                at_rate, embeddings, one_pass, lane_progress)
-            if first is None:
-                first = (masks, mixture)
-            back = [_fit(audio.resample(x, rate, sample_rate), len(data)) for x in estimates]
-            # The residual at the input's rate is the input minus what the queries took: what
-            # the model cannot see (above rate / 2) stays in it, and nothing of the input is lost.
-            union = _fit(audio.resample(at_rate - residual, rate, sample_rate), len(data))
-            per_lane.append([*back, lane - union])
-            if progress is not None:
-                progress((index + 1) / len(lanes))
-        outputs = []
-        for index in range(len(queries) + 1):
-            stacked = np.stack([lane[index] for lane in per_lane], axis=1)
-            if channels == "downmix" and not mono_input:
-                stacked = np.repeat(stacked, data.shape[1], axis=1)
-            outputs.append(stacked[:, 0] if mono_input else stacked)
-        return Separation(outputs, *first)
+        outputs, (masks, mixture) = separate_channels(
+            waveform, sample_rate, self.config.audio.sample_rate,
+            lambda lane, lane_progress: self._separate_lane(lane, embeddings, one_pass,
+                                                            lane_progress),
+            channels=channels, progress=progress)
+        return Separation(outputs, masks, mixture)
 
     def separate(self, waveform: np.ndarray, sample_rate: int,
                  queries: Sequence[str | np.ndarray], *, channels: str = "each",
@@ -329,15 +277,6 @@ class Separator:
         outputs = self.separate_in_order(waveform, sample_rate, queries, channels=channels,
                                          one_pass=one_pass)
         return dict(zip([*names, "residual"], outputs, strict=True))
-
-
-def _scaled(progress: Callable[[float], None], index: int, count: int, fraction: float) -> None:
-    """Lane ``index`` of ``count`` at ``fraction`` -> the whole job's fraction."""
-    progress((index + fraction) / count)
-
-
-def _fit(x: np.ndarray, length: int) -> np.ndarray:
-    return x[:length] if len(x) >= length else np.pad(x, (0, length - len(x)))
 
 
 def _masks_to_waveforms(config, probabilities, mix_stft, length):
