@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import relative_error
 
-from clipsep_jax.families.weaksep import losses
+from clipsep_jax import bss_eval
+from clipsep_jax.families.weaksep import ablation, losses
 
 RNG = np.random.default_rng(0)
 
@@ -219,3 +220,33 @@ def test_cnt_gradients_are_finite_with_padding_rows():
     valid[:, 1] = False  # a whole group of invalid rows
     grad = jax.jit(jax.grad(lambda a: losses.cnt_loss(a, text, 3.0, valid=valid)))(audio)
     assert np.all(np.isfinite(grad)) and not np.any(grad[:, 1])
+
+
+def test_ablation_table_pools_seeds_and_pairs_each_mixture():
+    """The ablation's SDR - URL only is per mixture and seed, pooled; SDR by seed per run."""
+    rng = np.random.default_rng(0)
+    hard = rng.normal(0, 5, 40)  # each mixture's own difficulty, shared by every loss
+
+    def report(offset, seed):
+        noise = np.random.default_rng(seed).normal(0, 0.1, 40)
+        rows = [{"index": i, "sdr": float(hard[i] + offset + noise[i]), "sir": 1.0, "sar": 9.0}
+                for i in range(40)]
+        summary = {m: bss_eval.summarise([r[m] for r in rows]) for m in ("sdr", "sir", "sar")}
+        zero = {m: bss_eval.summarise([0.0] * 40) for m in ("sdr", "sir", "sar")}
+        return {"rows": [{"query": "mixture", **zero}, {"query": "text", **summary}],
+                "per_example": {"text": rows}, "num_examples": 40, "split": "test",
+                "template": "The sound of {label}"}
+
+    results = [{"variant": name, "seed": seed, "seconds": 60.0,
+                "report": report(offset, seed * 10 + k)}
+               for seed in (1, 2)
+               for k, (name, offset) in enumerate([("URL only", 0.0), ("full", 0.5)])]
+    table = ablation.format_comparison(results)
+    full = next(line for line in table.splitlines() if line.startswith("| full"))
+    cells = [c.strip() for c in full.strip("|").split("|")]
+    assert cells[1] == "80"  # two seeds' mixtures pooled
+    difference, spread = (float(x) for x in cells[6].split(" ± "))
+    assert abs(difference - 0.5) < 0.05 and spread < 0.1  # the mixtures' spread cancels
+    sdr_spread = float(cells[2].split(" ± ")[1])
+    assert sdr_spread > 0.5  # unpaired, it does not
+    assert len(cells[7].split(" / ")) == 2 and "training seeds 1, 2" in table
