@@ -88,26 +88,28 @@ def test_the_gan_loss_sends_each_term_to_its_own_networks():
         return discriminator_loss(module.apply({"params": d}, wave)[0],
                                   module.apply({"params": d}, fake)[0])
 
-    grads = jax.grad(lambda p: gan_loss(config, p, wave, jnp.asarray(5))[0])(params)
-    expected = {"generator": jax.grad(generator_objective)(params["generator"]),
-                "mpd": jax.grad(discriminator_objective)(params["mpd"], mpd),
-                "msd": jax.grad(discriminator_objective)(params["msd"], msd)}
+    # Compiled once each (eager, these passes took most of a minute); the step is traced, so the
+    # warm-up's step 4 reuses them.
+    loss_and_terms = jax.jit(lambda p, step: gan_loss(config, p, wave, step))
+    gradients = jax.jit(jax.jacrev(lambda p, step: gan_loss(config, p, wave, step)))
+    grads, term_grads = gradients(params, jnp.asarray(5))
+    expected = jax.jit(lambda p: {
+        "generator": jax.grad(generator_objective)(p["generator"]),
+        "mpd": jax.grad(discriminator_objective)(p["mpd"], mpd),
+        "msd": jax.grad(discriminator_objective)(p["msd"], msd)})(params)
     for name in expected:
         for got, want in zip(jax.tree.leaves(grads[name]), jax.tree.leaves(expected[name]),
                              strict=True):
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
     # each term reaches only its own networks: exact zeros elsewhere
-    def term(name):
-        return lambda p: gan_loss(config, p, wave, jnp.asarray(5))[1][name]
-
-    leaks = [jax.grad(term("discriminator"))(params)["generator"]]
+    leaks = [term_grads["discriminator"]["generator"]]
     for name in ("generator_adversarial", "feature_matching"):
-        leaks += [jax.grad(term(name))(params)[d] for d in ("mpd", "msd")]
+        leaks += [term_grads[name][d] for d in ("mpd", "msd")]
     assert all(float(jnp.abs(x).max()) == 0.0 for tree in leaks for x in jax.tree.leaves(tree))
     # the warm-up: the mel term alone, the discriminators untouched
-    loss, metrics = gan_loss(config, params, wave, jnp.asarray(4))
+    loss, metrics = loss_and_terms(params, jnp.asarray(4))
     np.testing.assert_allclose(loss, 45.0 * metrics["mel_l1"], rtol=1e-6)
-    warm = jax.grad(lambda p: gan_loss(config, p, wave, jnp.asarray(4))[0])(params)
+    warm, _ = gradients(params, jnp.asarray(4))
     assert all(float(jnp.abs(x).max()) == 0.0 for d in ("mpd", "msd")
                for x in jax.tree.leaves(warm[d]))
     assert float(jnp.abs(jax.tree.leaves(warm["generator"])[0]).max()) > 0.0
