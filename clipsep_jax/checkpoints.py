@@ -21,8 +21,11 @@ Hugging Face users expect, loadable by folder or hub id (:func:`load_pretrained`
 
     DIR/config.json         the config
     DIR/model.safetensors   the variables, keys ``params/unet/down_conv_0/kernel``, ...
-    DIR/README.md           the model card (what it is, query encoder, data, evaluation, config)
-    DIR/query_encoder/      the query encoder, when it is not on the hub (else its hub id)
+    DIR/README.md           the model card (what it is, the models it uses, data, evaluation,
+                            config)
+    DIR/query_encoder/      the models it uses beside its weights, when not on the hub (else
+                            their hub ids): the query encoder, or the family's own
+                            (``Family.companions``: weaksep's frozen CLAP in DIR/clap/)
 
 All are written under temporary names and renamed when complete, so a reader never sees half
 of one. :class:`TrainingCheckpoints` saves and restores for training; :func:`load_workdir` and
@@ -396,8 +399,9 @@ def save_pretrained(folder: str | Path, config: ml_collections.ConfigDict, varia
     """Writes a pretrained folder: ``config.json``, the variables as ``model.safetensors`` (keys
     ``params/unet/down_conv_0/kernel``, ...), the model card ``README.md`` (:func:`model_card`
     with the training ``step``, the ``evaluation`` table and ``dataset`` facts, where known)
-    and, when the query encoder is a local folder or file rather than a hub id, a copy of it in
-    ``query_encoder/`` (the config then names it relatively).
+    and, for each model this one uses that is a local folder or file rather than a hub id (the
+    family's ``companions``: the query encoder, weaksep's CLAP), a copy of it in its folder
+    (``query_encoder/``, ``clap/``; the config then names it relatively).
 
     Everything is written into a temporary folder first. An existing ``folder`` is refused
     unless ``overwrite``; then only these items are replaced (each new one renamed in before
@@ -414,17 +418,14 @@ def save_pretrained(folder: str | Path, config: ml_collections.ConfigDict, varia
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         config = ml_collections.ConfigDict(config.to_dict())
-        encoder = config.query.encoder_model
-        if encoder and Path(encoder).exists():
-            source = Path(encoder).absolute()
-            target = staging / ENCODER_DIR
-            if source.is_dir():
-                shutil.copytree(source, target)
-            else:
-                target.mkdir()
-                shutil.copy2(source, target / source.name)
-                target = target / source.name
-            config.query.encoder_model = str(target.relative_to(staging))
+        family = get_family(config)
+        companions = family.companions(config)
+        for field, name in companions.items():
+            value = str(_field(config, field) or "")
+            if value and Path(value).exists():
+                written = family.save_companion(config, field, Path(value).absolute(),
+                                                staging / name)
+                _set_field(config, field, str(written.relative_to(staging)))
         write_config(staging, config)
         save_file(_flat_variables(variables), str(staging / WEIGHTS_FILE),
                   metadata={"format": "clipsep-jax", "model_kind": config.model.kind})
@@ -434,9 +435,10 @@ def save_pretrained(folder: str | Path, config: ml_collections.ConfigDict, varia
         if not folder.exists():
             staging.rename(folder)
             return folder
-        stale = folder / ENCODER_DIR  # an earlier model's bundled encoder, if this has none
-        if stale.exists() and not (staging / ENCODER_DIR).exists():
-            shutil.rmtree(stale)
+        for name in companions.values():  # an earlier model's bundled copy, if this has none
+            stale = folder / name
+            if stale.exists() and not (staging / name).exists():
+                shutil.rmtree(stale)
         for item in sorted(staging.iterdir()):
             target = folder / item.name
             old = folder / f".{item.name}.old-{os.getpid()}" if target.exists() else None
@@ -476,13 +478,29 @@ def load_pretrained(name_or_path: str | Path, **hub_kwargs: Any
         raise CheckpointError(f"{folder}: not a pretrained folder (config.json + "
                               f"{WEIGHTS_FILE})")
     config = load_config(folder)
-    encoder = config.query.encoder_model
-    if encoder.split("/")[0] == ENCODER_DIR:  # bundled with the model
-        bundled = folder / encoder
-        if not bundled.exists():
-            raise CheckpointError(f"{bundled}: the bundled query encoder is missing")
-        config.query.encoder_model = str(bundled.absolute())
+    for field, name in get_family(config).companions(config).items():
+        value = str(_field(config, field) or "")
+        if value.split("/")[0] == name:  # bundled with the model
+            bundled = folder / value
+            if not bundled.exists():
+                raise CheckpointError(f"{bundled}: the bundled {field} is missing")
+            _set_field(config, field, str(bundled.absolute()))
     return config, _read_weights(folder / WEIGHTS_FILE, config)
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
 
 
 def _read_weights(path: Path, config: ml_collections.ConfigDict) -> dict:
@@ -554,12 +572,20 @@ def model_card(config: ml_collections.ConfigDict, *, step: int | None = None,
         "or `python -m clipsep_jax.separate --checkpoint=THIS_REPO_OR_FOLDER --input=IN "
         "--text=QUERY --output-dir=OUT`, or the web page `python -m clipsep_jax.app "
         "--checkpoint=THIS_REPO_OR_FOLDER`.", "",
-        "## Query encoder", "",
-        f"`{q.encoder}` from `{q.encoder_model}`"
-        + (" (bundled in this folder)" if q.encoder_model.startswith(ENCODER_DIR) else
-           " (Hugging Face hub id; loaded on first use)" if looks_like_hub_id(q.encoder_model)
-           else " (loaded on first use)")
-        + f"; query mode in training: {q.mode}; text template: `{q.text_template}`.", "",
+        "## Models it uses", "",
+    ]
+    for field, name in family.companions(config).items():
+        value = str(_field(config, field) or "")
+        where = (" (bundled in this folder)" if value.split("/")[0] == name else
+                 " (Hugging Face hub id; loaded on first use)" if looks_like_hub_id(value)
+                 else " (loaded on first use)")
+        if field == "query.encoder_model":
+            lines.append(f"- query encoder `{q.encoder}` from `{value}`{where}; query mode in "
+                         f"training: {q.mode}; text template: `{q.text_template}`.")
+        else:
+            lines.append(f"- `{field}`: `{value}`{where}.")
+    lines += [
+        "",
         "## Training data", "",
         f"Dataset `{d.name}`" + (f" (splits train={d.train_split}, val={d.val_split}, "
                                  f"test={d.test_split})" if d.name else "") + ".",

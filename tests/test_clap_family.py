@@ -1,6 +1,8 @@
 """The CLAP family: its config checks, the contrastive loss against a brute-force rendition, and a
 CLAP trained through the generic loop loaded back as a frozen CLAP."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from clipsep_jax.config import default_config, validate
 from clipsep_jax.encoders.clap import log_mel, resample
 from clipsep_jax.encoders.clap_towers import ClapModel
 from clipsep_jax.errors import UserError
+from clipsep_jax.families import get_family
 from clipsep_jax.families.clap import evaluation, load_trained_clap, save_trained_clap
 from clipsep_jax.families.clap.model import (
     batch_statistics,
@@ -174,6 +177,12 @@ def test_trained_clap_loads_as_a_frozen_clap(generated_dataset, tmp_path):
 
     folder = save_trained_clap(workdir, tmp_path / "model")
     assert (folder / "tokenizer" / "tokenizer.json").is_file()
+    # A weaksep model packaged with this run as its CLAP carries the same model directory.
+    weak = default_config("weaksep")
+    weak.weaksep.clap, weak.weaksep.clap_step = str(workdir), "best"
+    carried = get_family(weak).save_companion(weak, "weaksep.clap", Path(workdir),
+                                              tmp_path / "carried")
+    assert sorted(p.name for p in carried.iterdir()) == sorted(p.name for p in folder.iterdir())
     again = load_trained_clap(folder)
     jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, clap.params)
     assert again.params["logit_scale_a"].shape == ()

@@ -14,7 +14,7 @@ from test_clap import save_tiny_clap
 from test_data_prep import write_audiocaps_csv
 from test_weaksep_unet import EMBEDDING_DIM, SMALL, reference_state_dict, torch_net
 
-from clipsep_jax import checkpoints, convert, inference, train
+from clipsep_jax import checkpoints, convert, export, inference, train
 from clipsep_jax.config import default_config, load_config_file, validate
 from clipsep_jax.errors import UserError
 from clipsep_jax.families import get_family
@@ -108,8 +108,22 @@ def test_trains_with_a_frozen_clap_evaluates_and_separates(generated_dataset, cl
     assert {p.name for p in written[0].iterdir()} >= {"mixture.wav", "estimate_0.wav",
                                                       "mask_1.png", "prompts.txt"}
 
+    # Packaged, the model carries its CLAP (clap/) and separates alike from any place.
+    package = export.export(workdir, tmp_path / "package")
+    assert (package / "clap" / "config.json").is_file()
+    assert json.loads((package / "config.json").read_text())["weaksep"]["clap"] == "clap"
+    assert "`weaksep.clap`: `clap` (bundled in this folder)" in (package / "README.md").read_text()
+    moved = tmp_path / "moved"
+    package.rename(moved)
+    packaged_config, packaged = inference.load_for_inference(moved)
+    assert packaged_config.weaksep.clap == str(moved / "clap")
+
     separator = family.separator(loaded_config, variables)
     recording = np.random.default_rng(0).normal(0, 0.1, 12000).astype(np.float32)
+    np.testing.assert_allclose(
+        family.separator(packaged_config, packaged).separate_in_order(
+            recording, 16000, ["The sound of tuba"])[0],
+        separator.separate_in_order(recording, 16000, ["The sound of tuba"])[0], atol=1e-6)
     outputs = separator.separate(recording, 16000, ["The sound of tuba", "The sound of violin"])
     assert list(outputs) == ["The sound of tuba", "The sound of violin", "residual"]
     assert all(o.shape == recording.shape for o in outputs.values())

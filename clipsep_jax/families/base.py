@@ -21,6 +21,7 @@ Numbers flow as pytrees of arrays: ``variables`` is ``{"params": ..., <state col
 from __future__ import annotations
 
 import abc
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -104,6 +105,26 @@ class Family(abc.ABC):
         model state under ``"frozen"``; they are not checkpointed (the family loads them again
         from where its config says)."""
         return {}
+
+    # -- what travels with a packaged model ---------------------------------------------------
+
+    def companions(self, config: ml_collections.ConfigDict) -> dict[str, str]:
+        """The models this one needs beside its weights at inference, as config fields (dotted
+        names) -> the folder each gets in a pretrained folder. ``save_pretrained`` carries each
+        that names a local folder or file (:meth:`save_companion`) and points the field at the
+        copy; a hub id stays as it is. Default: the query encoder."""
+        return {"query.encoder_model": "query_encoder"}
+
+    def save_companion(self, config: ml_collections.ConfigDict, field: str, source: Path,
+                       target: Path) -> Path:
+        """Writes companion ``field``, found at ``source``, to the new path ``target``; returns
+        the path the field names from now on (``target`` or a file in it). Default: a copy."""
+        if source.is_dir():
+            shutil.copytree(source, target)
+            return target
+        target.mkdir()
+        shutil.copy2(source, target / source.name)
+        return target / source.name
 
     # -- data -------------------------------------------------------------------------------
 

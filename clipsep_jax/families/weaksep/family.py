@@ -28,9 +28,11 @@ from typing import Any
 import jax
 import ml_collections
 
+from clipsep_jax import checkpoints
 from clipsep_jax.encoders.clap import CLAP
 from clipsep_jax.errors import UserError
 from clipsep_jax.families.base import Family, check_choices
+from clipsep_jax.families.clap.trained import save_trained_clap
 from clipsep_jax.families.clipsep.unet import level_widths
 from clipsep_jax.families.weaksep import evaluation
 from clipsep_jax.families.weaksep.data import Clips, PairExamples, Prompts, TrainingExamples
@@ -172,6 +174,16 @@ class WeakSepFamily(Family):
 
     def frozen_variables(self, config):
         return {"clap": jax.device_get(load_frozen_clap(config).params)}
+
+    # -- what travels with a packaged model ---------------------------------------------------
+
+    def companions(self, config):
+        return {"weaksep.clap": "clap"}  # the queries' CLAP; no query encoder
+
+    def save_companion(self, config, field, source, target):
+        if (source / checkpoints.CHECKPOINTS_DIR).is_dir():  # a clap-family run: its checkpoint
+            return save_trained_clap(source, target, step=config.weaksep.clap_step)
+        return super().save_companion(config, field, source, target)
 
     def init_variables(self, config, rng):
         return init_variables(config, rng)
