@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ from jax.experimental import multihost_utils
 from clipsep_jax import config as config_lib
 from clipsep_jax.errors import UserError
 from clipsep_jax.families import get_family
-from clipsep_jax.files import write_text_atomic
+from clipsep_jax.files import staging_folder, write_text_atomic
 
 __all__ = [
     "CONFIG_FILE",
@@ -113,7 +112,7 @@ def save_model(directory: str | Path, config: ml_collections.ConfigDict, variabl
     if directory.exists():
         raise FileExistsError(f"{directory}: already exists; choose a new output directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    staging = staging_folder(directory)
     try:
         write_config(staging, config)
         host_variables = jax.tree_util.tree_map(np.asarray, variables)
@@ -415,7 +414,7 @@ def save_pretrained(folder: str | Path, config: ml_collections.ConfigDict, varia
         raise FileExistsError(f"{folder}: already exists; choose a new output folder, or "
                               "overwrite (--overwrite) to replace the model files in it")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    staging = staging_folder(folder)
     try:
         config = ml_collections.ConfigDict(config.to_dict())
         family = get_family(config)

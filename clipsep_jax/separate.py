@@ -30,7 +30,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from clipsep_jax import inference
 from clipsep_jax.families import get_family
+from clipsep_jax.files import staging_folder
 from clipsep_jax.separation import SeparationError
 
 __all__ = ["SeparationError", "read_audio", "read_image", "query_file_name", "main"]
@@ -151,12 +151,6 @@ def output_folders(inputs: Sequence[str], root: str | None, output_dir: str) -> 
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_outputs(folder: Path, outputs: dict[str, np.ndarray], rate: int,
                    overwrite: bool = False) -> None:
     """Writes ``outputs`` ({file stem: waveform}) as ``folder/<stem>.wav`` through a temporary
@@ -182,11 +176,10 @@ def _write_outputs(folder: Path, outputs: dict[str, np.ndarray], rate: int,
                                   "clipsep_jax.separate; not replacing it")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+        tmp = staging_folder(folder, prefix=f".tmp-{folder.name}-")
     except OSError as e:
         raise SeparationError(f"{folder.parent}: cannot write there ({e.strerror})") from e
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; outputs follow the umask
         files = [f"{stem}.wav" for stem in outputs]
         for stem, wave in outputs.items():
             soundfile.write(tmp / f"{stem}.wav", wave, rate, subtype="FLOAT")

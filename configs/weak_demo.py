@@ -23,9 +23,9 @@ its 2 s input. ``python -m clipsep_jax.families.weaksep.ablation --config=config
 trains URL only, URL + CRL and the full loss on the same data and prints their tables side by
 side.
 
-Measured on a fresh clone, 2-core CPU, from nothing: 10 min 57 s. CLAP zero-shot top-1 0.886
-(test) / 0.455 (held_out); the separator's text queries 2.85 ± 0.32 dB SDR against the mixture's
-0.00 (88 test mixtures). The ablation (21 min): URL only 3.16, URL + CRL 2.01, full 2.85.
+Measured on a fresh clone, 2-core CPU, from nothing: 9 min 38 s. CLAP zero-shot top-1 0.886
+(test) / 0.455 (held_out); the separator's text queries 3.04 ± 0.34 dB SDR against the mixture's
+0.00 (88 test mixtures). The ablation (20 min): URL only 2.94, URL + CRL 2.27, full 3.04 dB SDR.
 """
 
 from pathlib import Path

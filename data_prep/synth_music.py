@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from scipy import signal
 
 from clipsep_jax.encoders.clip import CLIP
 from clipsep_jax.encoders.clip_towers import CLIPConfig, TowerConfig
+from clipsep_jax.files import staging_folder
 from data_prep.builders import ClipDatasetBuilder
 from data_prep.extract import ExtractOptions
 from data_prep.sources import ClipSource
@@ -423,7 +423,7 @@ def write_tree(folder: str | Path, clips_per_class: Sequence[int] = (16, 3, 4, 4
     _check_soundfonts(counts)
     renderer = Renderer(sample_rate)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    staging = staging_folder(folder)
     try:
         renderings = [["audio", "soundfont", "program"]]
         for split_id, (split, count) in enumerate(zip(SPLITS[:len(counts)], counts, strict=True)):

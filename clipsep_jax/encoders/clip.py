@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from safetensors.numpy import save_file
 
 from clipsep_jax.encoders.clip_towers import CLIPConfig, CLIPModel, TowerConfig
 from clipsep_jax.encoders.common import DTYPES, BatchedRunner, check_params, read_weights
+from clipsep_jax.files import staging_folder
 
 __all__ = [
     "DEFAULT_CLIP",
@@ -455,7 +455,7 @@ class CLIP:
 
         path = os.path.abspath(path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-clip-", dir=os.path.dirname(path))
+        tmp = str(staging_folder(path, prefix=".tmp-clip-"))
         try:
             c = self.config
             text_config = _tower_dict(c.text, drop=_VISION_ONLY)

@@ -47,6 +47,7 @@ from PIL import Image
 from clipsep_jax.encoders.clip import ImagePreprocessing
 from clipsep_jax.encoders.common import DTYPES, BatchedRunner, check_params, read_weights
 from clipsep_jax.errors import UserError
+from clipsep_jax.files import FILE_MODE
 
 __all__ = ["DEFAULT_RESNET", "ResNetConfig", "ResNetFeatures", "ResNet", "TORCHVISION_URLS",
            "params_from_state_dict", "state_dict_from_params"]
@@ -309,6 +310,7 @@ def _torchvision_file(name: str) -> str:
     os.close(handle)
     try:
         urllib.request.urlretrieve(url, tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

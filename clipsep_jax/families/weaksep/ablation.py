@@ -105,7 +105,9 @@ def format_comparison(results: list[dict]) -> str:
                  f"training seeds {', '.join(map(str, seeds))}, their mixtures pooled")
     return ("\n".join(lines) + f"\n\n{report['num_examples']} test mixtures of 2 sources "
             f"({report['split']}), each source queried with {report['template']!r}; same data, "
-            f"steps and test mixtures for every loss; {seed_text}. Mean ± 95% CI, dB.\n")
+            f"steps and test mixtures for every loss; {seed_text}. Mean ± 95% CI, dB. Times are "
+            "this command's, per seed (a finished run found in the workdir is only "
+            "evaluated).\n")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
