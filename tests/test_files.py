@@ -21,7 +21,7 @@ def mode(path) -> int:
 
 def test_written_files_and_folders_get_the_modes_of_plain_writes(tmp_path):
     umask = current_umask()
-    assert files.FILE_MODE == 0o666 & ~umask and files.DIR_MODE == 0o777 & ~umask
+    assert (0o666 & ~umask, 0o777 & ~umask) == (files.FILE_MODE, files.DIR_MODE)
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     text = files.write_text_atomic(tmp_path / "sub" / "a.txt", "hello")
