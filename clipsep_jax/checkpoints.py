@@ -52,6 +52,7 @@ from jax.experimental import multihost_utils
 from clipsep_jax import config as config_lib
 from clipsep_jax.errors import UserError
 from clipsep_jax.families import get_family
+from clipsep_jax.families.base import Family
 from clipsep_jax.files import staging_folder, write_text_atomic
 
 __all__ = [
@@ -551,10 +552,35 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False,
     return str(getattr(info, "commit_url", info))
 
 
+def _card_use(family: Family) -> list[str]:
+    """The card's opening and "Use" section, by what the family's models do."""
+    load = ["```python", "from clipsep_jax import inference",
+            "from clipsep_jax.families import get_family", "",
+            'config, variables = inference.load_for_inference("THIS_REPO_OR_FOLDER")']
+    if type(family).separator is not Family.separator:
+        return [
+            "A text-queried sound separation model trained with clipsep-jax (JAX/Flax).", "",
+            "## Use", "", *load,
+            "separator = get_family(config).separator(config, variables)",
+            'outputs = separator.separate(waveform, sample_rate, ["a query"])', "```", "",
+            "or `python -m clipsep_jax.separate --checkpoint=THIS_REPO_OR_FOLDER --input=IN "
+            "--text=QUERY --output-dir=OUT`, or the web page `python -m clipsep_jax.app "
+            "--checkpoint=THIS_REPO_OR_FOLDER`.", ""]
+    if type(family).generator is not Family.generator:
+        return [
+            "A text-to-audio generator trained with clipsep-jax (JAX/Flax).", "",
+            "## Use", "", *load,
+            "generator = get_family(config).generator(config, variables)",
+            'samples = generator.generate(["a query"])', "```", "",
+            "or `python -m clipsep_jax.generate --checkpoint=THIS_REPO_OR_FOLDER "
+            "--text=QUERY --output-dir=OUT`.", ""]
+    return ["A model trained with clipsep-jax (JAX/Flax).", "", "## Use", "", *load, "```", ""]
+
+
 def model_card(config: ml_collections.ConfigDict, *, step: int | None = None,
                evaluation: str | None = None, dataset: dict | None = None) -> str:
-    """The generated model card (README.md): what the model is, the query encoder it expects,
-    the data it saw, its evaluation table and its training config."""
+    """The generated model card (README.md): what the model is and how to use it, the models it
+    uses, the data it saw, its evaluation table and its training config."""
     family = get_family(config)
     q, t, d = config.query, config.train, config.data
     lines = [
@@ -562,16 +588,7 @@ def model_card(config: ml_collections.ConfigDict, *, step: int | None = None,
         "tags: [audio-source-separation, text-queried-separation, jax, flax, "
         f"{config.model.kind}]", "---", "",
         f"# {config.model.kind} ({family.describe_model(config)})", "",
-        "A text- or image-queried sound separation model trained with clipsep-jax (JAX/Flax; "
-        "CLIPSep: Dong et al., ICLR 2023).", "",
-        "## Use", "", "```python",
-        "from clipsep_jax.separate import Separator", "",
-        'separator = Separator.from_pretrained("THIS_REPO_OR_FOLDER")',
-        'outputs = separator.separate(waveform, sample_rate, ["a query"])', "```", "",
-        "or `python -m clipsep_jax.separate --checkpoint=THIS_REPO_OR_FOLDER --input=IN "
-        "--text=QUERY --output-dir=OUT`, or the web page `python -m clipsep_jax.app "
-        "--checkpoint=THIS_REPO_OR_FOLDER`.", "",
-        "## Models it uses", "",
+        *_card_use(family), "## Models it uses", "",
     ]
     for field, name in family.companions(config).items():
         value = str(_field(config, field) or "")

@@ -15,6 +15,7 @@ from media_trees import tone
 from safetensors.numpy import load_file, save_file
 
 from clipsep_jax import checkpoints, evaluate
+from clipsep_jax.config import default_config
 from clipsep_jax.families.clipsep.separator import Separator
 from clipsep_jax.separation import SeparationError
 
@@ -45,6 +46,7 @@ def test_round_trip_gives_identical_separations(trained_workdir, exported, tmp_p
     card = (exported / "README.md").read_text()
     assert "library_name: clipsep-jax" in card and "Trained for 250 steps" in card
     assert "training clips: 8" in card and "labels: accordion, tuba" in card
+    assert "separator = get_family(config).separator(config, variables)" in card
 
     original = Separator.from_checkpoint(trained_workdir)
     loaded = Separator.from_pretrained(str(exported))
@@ -165,3 +167,15 @@ def test_an_existing_folder_is_kept_unless_overwritten(exported, tmp_path):
             Separator.from_checkpoint("runs/dem")  # a typo of a local path, not a hub id
         finally:
             os.chdir(cwd)
+
+
+@pytest.mark.parametrize("kind,use", [
+    ("clipsep_nit", "separator = get_family(config).separator(config, variables)"),
+    ("weaksep", "separator = get_family(config).separator(config, variables)"),
+    ("clipsonic", "generator = get_family(config).generator(config, variables)"),
+    ("clap", 'config, variables = inference.load_for_inference("THIS_REPO_OR_FOLDER")'),
+])
+def test_the_card_says_how_to_use_each_kind(kind, use):
+    card = checkpoints.model_card(default_config(kind))
+    assert use in card and card.count("## Use") == 1
+    assert ("separator" in card) == (kind in ("clipsep_nit", "weaksep"))

@@ -112,7 +112,10 @@ def test_trains_with_a_frozen_clap_evaluates_and_separates(generated_dataset, cl
     package = export.export(workdir, tmp_path / "package")
     assert (package / "clap" / "config.json").is_file()
     assert json.loads((package / "config.json").read_text())["weaksep"]["clap"] == "clap"
-    assert "`weaksep.clap`: `clap` (bundled in this folder)" in (package / "README.md").read_text()
+    card = (package / "README.md").read_text()
+    assert "`weaksep.clap`: `clap` (bundled in this folder)" in card
+    # the card's use: exactly what the lines below do
+    assert "separator = get_family(config).separator(config, variables)" in card
     moved = tmp_path / "moved"
     package.rename(moved)
     packaged_config, packaged = inference.load_for_inference(moved)
