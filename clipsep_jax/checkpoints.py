@@ -552,29 +552,34 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False,
     return str(getattr(info, "commit_url", info))
 
 
+# What a card tells a user to do, by the first of these Family methods the model's family has:
+# (method, what the model is, Python lines after loading it, the command line).
+_CARD_USES = (
+    ("separator", "A text-queried sound separation model",
+     ["separator = get_family(config).separator(config, variables)",
+      'outputs = separator.separate(waveform, sample_rate, ["a query"])'],
+     "`python -m clipsep_jax.separate --checkpoint=THIS_REPO_OR_FOLDER --input=IN --text=QUERY "
+     "--output-dir=OUT`, or the web page `python -m clipsep_jax.app "
+     "--checkpoint=THIS_REPO_OR_FOLDER`"),
+    ("generator", "A text-to-audio generator",
+     ["generator = get_family(config).generator(config, variables)",
+      'samples = generator.generate(["a query"])'],
+     "`python -m clipsep_jax.generate --checkpoint=THIS_REPO_OR_FOLDER --text=QUERY "
+     "--output-dir=OUT`"),
+)
+
+
 def _card_use(family: Family) -> list[str]:
     """The card's opening and "Use" section, by what the family's models do."""
-    load = ["```python", "from clipsep_jax import inference",
-            "from clipsep_jax.families import get_family", "",
-            'config, variables = inference.load_for_inference("THIS_REPO_OR_FOLDER")']
-    if type(family).separator is not Family.separator:
-        return [
-            "A text-queried sound separation model trained with clipsep-jax (JAX/Flax).", "",
-            "## Use", "", *load,
-            "separator = get_family(config).separator(config, variables)",
-            'outputs = separator.separate(waveform, sample_rate, ["a query"])', "```", "",
-            "or `python -m clipsep_jax.separate --checkpoint=THIS_REPO_OR_FOLDER --input=IN "
-            "--text=QUERY --output-dir=OUT`, or the web page `python -m clipsep_jax.app "
-            "--checkpoint=THIS_REPO_OR_FOLDER`.", ""]
-    if type(family).generator is not Family.generator:
-        return [
-            "A text-to-audio generator trained with clipsep-jax (JAX/Flax).", "",
-            "## Use", "", *load,
-            "generator = get_family(config).generator(config, variables)",
-            'samples = generator.generate(["a query"])', "```", "",
-            "or `python -m clipsep_jax.generate --checkpoint=THIS_REPO_OR_FOLDER "
-            "--text=QUERY --output-dir=OUT`.", ""]
-    return ["A model trained with clipsep-jax (JAX/Flax).", "", "## Use", "", *load, "```", ""]
+    summary, code, command = "A model", [], None
+    for method, *use in _CARD_USES:
+        if getattr(type(family), method) is not getattr(Family, method):
+            summary, code, command = use
+            break
+    return [f"{summary} trained with clipsep-jax (JAX/Flax).", "", "## Use", "", "```python",
+            "from clipsep_jax import inference", "from clipsep_jax.families import get_family",
+            "", 'config, variables = inference.load_for_inference("THIS_REPO_OR_FOLDER")',
+            *code, "```", "", *([f"or {command}.", ""] if command else [])]
 
 
 def model_card(config: ml_collections.ConfigDict, *, step: int | None = None,

@@ -23,8 +23,9 @@ def _umask() -> int:
     return umask
 
 
-FILE_MODE = 0o666 & ~_umask()  # what open(path, "w") gives
-DIR_MODE = 0o777 & ~_umask()  # what mkdir gives
+_UMASK = _umask()
+FILE_MODE = 0o666 & ~_UMASK  # what open(path, "w") gives
+DIR_MODE = 0o777 & ~_UMASK  # what mkdir gives
 
 
 def staging_folder(final: str | Path, prefix: str | None = None) -> Path:
